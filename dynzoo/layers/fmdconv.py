@@ -1,0 +1,86 @@
+"""FMDConv: fast multi-attention dynamic convolution (Zhang et al., KBS 317, 2025).
+
+``y = alpha_out * conv(alpha_in * x, sum_i alpha_k,i W_i, sum_i alpha_k,i b_i)`` -- the paper's Eq. 5 computed the
+ODConv way (Algorithm 1): input- and output-channel sigmoid attention from ODConv's trunk (``attention``) and a
+separate DynamicConv-style temperature softmax kernel attention (``attention2``, Eq. 6). ODConv's spatial and
+kernel heads are removed (§3.3.1). Key names are the authors' (``attention.{fc,bn,channel_fc,filter_fc}``,
+``attention2.{fc1,fc2}``), so their checkpoints load after stripping the DDP ``module.`` prefix.
+
+Temperatures (spec addendum): ``kernel_temperature`` divides the kernel softmax (paper: annealed 40 -> 1 by 3 per
+epoch; the authors' code keeps it at 34 for ever), ``gate_temperature`` divides the sigmoid logits (paper: none,
+i.e. 1; the authors' code anneals it 30 -> 1). Both are buffers, saved with the weights.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import register_notrace_module
+
+from .dynamic import DynamicConv2dBase
+from .heads import KernelAttention, ODConvAttention
+
+__all__ = ['FMDConv2d']
+
+
+@register_notrace_module
+class FMDConv2d(DynamicConv2dBase):
+    """FMDConv layer with full ``nn.Conv2d`` geometry (stride, padding, dilation, groups incl. depthwise).
+
+    Args (beyond ``nn.Conv2d``'s): ``num_kernels`` K (paper: 4), ``reduction`` of the channel/filter trunk
+    (``A = max(int(C_in*reduction), min_channels)``), ``kernel_ratio`` of the kernel branch
+    (``H = int(C_in*kernel_ratio) + 1``), the two temperatures, and the ablation toggles of Fig. 4.
+    ``bias=True`` (a per-kernel bias ``(K, C_out)``) is required to reproduce the paper's Table 9 counts.
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size,
+            stride=1,
+            padding=0,
+            dilation=1,
+            groups: int = 1,
+            bias: bool = True,
+            num_kernels: int = 4,
+            reduction: float = 0.0625,
+            min_channels: int = 16,
+            kernel_ratio: float = 0.25,
+            kernel_temperature: float = 1.0,
+            gate_temperature: float = 1.0,
+            use_input_attn: bool = True,
+            use_output_attn: bool = True,
+            use_kernel_attn: bool = True,
+            strategy: str = 'auto',
+            device=None,
+            dtype=None,
+    ):
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_kernels,
+            strategy, device=device, dtype=dtype)
+        dd = {'device': device, 'dtype': dtype}
+        if use_input_attn or use_output_attn:
+            self.attention = ODConvAttention(
+                in_channels, out_channels, self.kernel_size, groups, num_kernels, reduction, min_channels,
+                gate_temperature, channel_head=use_input_attn, filter_head=use_output_attn,
+                spatial_head=False, kernel_head=False, **dd)
+        else:
+            self.attention = None
+        self.attention2 = KernelAttention(in_channels, num_kernels, kernel_ratio, kernel_temperature, **dd) \
+            if use_kernel_attn else None
+        if self.attention2 is None and num_kernels != 1:
+            raise ValueError('use_kernel_attn=False requires num_kernels=1 (nothing would mix the kernels)')
+
+    def forward_attention(self, x: torch.Tensor) -> Tuple[
+            Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        pooled = F.adaptive_avg_pool2d(x, 1)
+        kernel_attn: Optional[torch.Tensor] = None
+        in_scale: Optional[torch.Tensor] = None
+        out_scale: Optional[torch.Tensor] = None
+        if self.attention is not None:
+            _, in_scale, out_scale, _ = self.attention(pooled)
+        if self.attention2 is not None:
+            kernel_attn = self.attention2(pooled)
+        return kernel_attn, in_scale, out_scale, None

@@ -1,0 +1,191 @@
+"""Attention heads of the dynamic convolutions, computed from pooled context.
+
+* :class:`ODConvAttention` -- ODConv's squeeze trunk ``GAP -> 1x1 conv (no bias) -> BN -> ReLU`` with any subset
+  of its four heads: channel (input, sigmoid), filter (output, sigmoid), spatial (kernel taps, sigmoid) and
+  kernel (softmax over K). Logits are divided by the temperature (ODConv Eq. 2; FMDConv's authors' code).
+  Key names follow the authors' code: ``fc``, ``bn``, ``channel_fc``, ``filter_fc``, ``spatial_fc``, ``kernel_fc``.
+* :class:`KernelAttention` -- DynamicConv's (Chen et al. 2020) two-layer kernel branch
+  ``GAP -> 1x1 conv -> ReLU -> 1x1 conv -> softmax(z / T)`` (FMDConv's "Attention2", keys ``fc1``, ``fc2``).
+* :class:`RoutingAttention` -- CondConv's (Yang et al. 2019) routing ``sigmoid(FC(GAP(x)))``.
+
+Temperatures are persistent 0-d buffers, so a checkpoint carries the temperature it runs at
+(an authors' FMDConv checkpoint converts with its kernel softmax at T = 34, as their code runs it).
+``role`` tells the schedule helpers which temperature a module holds: ``'kernel'`` (softmax over the kernel
+bank) or ``'gate'`` (sigmoid heads).
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    'TemperatureMixin', 'ODConvAttention', 'KernelAttention', 'RoutingAttention', 'set_temperature',
+    'get_temperatures', 'fmdconv_temperature', 'linear_temperature',
+]
+
+
+class TemperatureMixin:
+    """A module with a ``temperature`` buffer and a ``temperature_role`` (``'kernel'`` or ``'gate'``)."""
+    temperature_role: str = 'kernel'
+
+    def _init_temperature(self, temperature: float, role: str) -> None:
+        if temperature <= 0:
+            raise ValueError(f'temperature must be > 0, got {temperature}')
+        self.temperature_role = role
+        self.register_buffer('temperature', torch.tensor(float(temperature)))
+
+    @torch.no_grad()
+    def set_temperature(self, temperature: float) -> None:
+        if temperature <= 0:
+            raise ValueError(f'temperature must be > 0, got {temperature}')
+        self.temperature.fill_(float(temperature))
+
+
+def set_temperature(model: nn.Module, temperature: float, role: Optional[str] = 'kernel') -> int:
+    """Set the temperature of every attention head of ``model`` whose role matches (``None``: all roles).
+
+    Returns the number of heads updated; raises if the model has none (so a schedule never silently no-ops).
+    """
+    count = 0
+    for m in model.modules():
+        if isinstance(m, TemperatureMixin) and (role is None or m.temperature_role == role):
+            m.set_temperature(temperature)
+            count += 1
+    if count == 0:
+        raise ValueError(f'{type(model).__name__} has no attention head with a {role or "any"!s} temperature')
+    return count
+
+
+def get_temperatures(model: nn.Module) -> dict:
+    """``{module name: (role, temperature)}`` for every temperature-bearing head."""
+    return {
+        name: (m.temperature_role, float(m.temperature))
+        for name, m in model.named_modules() if isinstance(m, TemperatureMixin)
+    }
+
+
+def fmdconv_temperature(epoch: int, t0: float = 40.0, step: float = 3.0) -> float:
+    """FMDConv's schedule (§3.3.2): ``max(1, t0 - step * epoch)`` for 0-based ``epoch``, stepped per epoch."""
+    return max(1.0, t0 - step * epoch)
+
+
+def linear_temperature(progress: float, t0: float = 30.0, t1: float = 1.0) -> float:
+    """DynamicConv/ODConv/A2D2C/DMF schedule: linear from ``t0`` to ``t1`` as ``progress`` goes 0 -> 1.
+
+    ``progress`` is the fraction of the annealing period done (e.g. iteration / iterations of the first 10
+    epochs), clamped to [0, 1].
+    """
+    p = min(max(float(progress), 0.0), 1.0)
+    return t0 + (t1 - t0) * p
+
+
+def _kaiming_conv_init(m: nn.Conv2d) -> None:
+    nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+    if m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
+class ODConvAttention(nn.Module, TemperatureMixin):
+    """ODConv trunk ``GAP -> fc (C_in -> A, no bias) -> BN -> ReLU`` with optional sigmoid/softmax heads.
+
+    ``A = max(int(C_in * reduction), min_channels)``. The filter head is not built for depthwise layers and the
+    spatial head not for 1x1 kernels (ODConv rules); an absent head returns ``None``. Heads:
+    channel ``A -> C_in`` sigmoid, filter ``A -> C_out`` sigmoid, spatial ``A -> kh*kw`` sigmoid,
+    kernel ``A -> K`` softmax (only when ``K > 1``), each logit divided by the temperature.
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: Tuple[int, int],
+            groups: int = 1,
+            num_kernels: int = 4,
+            reduction: float = 0.0625,
+            min_channels: int = 16,
+            temperature: float = 1.0,
+            channel_head: bool = True,
+            filter_head: bool = True,
+            spatial_head: bool = True,
+            kernel_head: bool = True,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        attn_channels = max(int(in_channels * reduction), min_channels)
+        self._init_temperature(temperature, 'gate' if not kernel_head else 'kernel')
+        self.fc = nn.Conv2d(in_channels, attn_channels, 1, bias=False, **dd)
+        self.bn = nn.BatchNorm2d(attn_channels, **dd)
+        self.channel_fc = nn.Conv2d(attn_channels, in_channels, 1, bias=True, **dd) if channel_head else None
+        depthwise = in_channels == groups == out_channels
+        self.filter_fc = nn.Conv2d(attn_channels, out_channels, 1, bias=True, **dd) \
+            if filter_head and not depthwise else None
+        k_taps = kernel_size[0] * kernel_size[1]
+        self.spatial_fc = nn.Conv2d(attn_channels, k_taps, 1, bias=True, **dd) \
+            if spatial_head and k_taps > 1 else None
+        self.kernel_fc = nn.Conv2d(attn_channels, num_kernels, 1, bias=True, **dd) \
+            if kernel_head and num_kernels > 1 else None
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                _kaiming_conv_init(m)
+
+    def forward(self, pooled: torch.Tensor) -> Tuple[
+            Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``pooled``: ``(B, C_in, 1, 1)``. Returns ``(kernel, channel, filter, spatial)`` attentions, 2-D."""
+        a = F.relu(self.bn(self.fc(pooled)))
+        t = self.temperature
+        kernel: Optional[torch.Tensor] = None
+        channel: Optional[torch.Tensor] = None
+        filt: Optional[torch.Tensor] = None
+        spatial: Optional[torch.Tensor] = None
+        if self.kernel_fc is not None:
+            kernel = torch.softmax(self.kernel_fc(a).flatten(1).float() / t, dim=1)
+        if self.channel_fc is not None:
+            channel = torch.sigmoid(self.channel_fc(a).flatten(1) / t)
+        if self.filter_fc is not None:
+            filt = torch.sigmoid(self.filter_fc(a).flatten(1) / t)
+        if self.spatial_fc is not None:
+            spatial = torch.sigmoid(self.spatial_fc(a).flatten(1) / t)
+        return kernel, channel, filt, spatial
+
+
+class KernelAttention(nn.Module, TemperatureMixin):
+    """DynamicConv kernel branch: ``softmax(fc2(ReLU(fc1(GAP x))) / T)`` over the K kernels.
+
+    Hidden width ``H = int(C_in * ratio) + 1`` (``H = K`` when ``C_in == 3``, DynamicConv's code rule).
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            num_kernels: int,
+            ratio: float = 0.25,
+            temperature: float = 1.0,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        hidden = num_kernels if in_channels == 3 else int(in_channels * ratio) + 1
+        self._init_temperature(temperature, 'kernel')
+        self.fc1 = nn.Conv2d(in_channels, hidden, 1, bias=False, **dd)
+        self.fc2 = nn.Conv2d(hidden, num_kernels, 1, bias=True, **dd)
+        for m in (self.fc1, self.fc2):
+            _kaiming_conv_init(m)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        z = self.fc2(F.relu(self.fc1(pooled))).flatten(1)
+        return torch.softmax(z.float() / self.temperature, dim=1)
+
+
+class RoutingAttention(nn.Module):
+    """CondConv routing ``r(x) = sigmoid(FC(GAP x))``, one independent gate per expert (Yang et al. 2019, Eq. 2)."""
+
+    def __init__(self, in_channels: int, num_kernels: int, device=None, dtype=None):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_kernels, device=device, dtype=dtype)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc(pooled.flatten(1)))
