@@ -93,18 +93,24 @@ def load_checkpoint_file(path) -> Any:
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
         try:
-            return load_file(str(path), device='cpu')
+            checkpoint = load_file(str(path), device='cpu')
         except Exception as e:  # safetensors raises its own error types for truncation / bad headers
             raise CheckpointError(
                 f'{str(path)!r} is not a readable safetensors file ({type(e).__name__}: {e}); '
                 'it is truncated or corrupted: download it again') from e
-    try:
-        return torch.load(str(path), map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f'{str(path)!r} could not be read with torch.load(weights_only=True) ({type(e).__name__}: {e}). '
-            'dynzoo never unpickles arbitrary objects: the file is corrupted, or holds more than tensors '
-            '(re-save its state dict alone, or convert it with `dynzoo convert`)') from e
+    else:
+        try:
+            checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
+        except Exception as e:
+            raise CheckpointError(
+                f'{str(path)!r} could not be read with torch.load(weights_only=True) ({type(e).__name__}: {e}). '
+                'dynzoo never unpickles arbitrary objects: the file is corrupted, or holds more than tensors '
+                '(re-save its state dict alone, or convert it with `dynzoo convert`)') from e
+    if not isinstance(checkpoint, Mapping) or not checkpoint:  # timm would mistake {} for "no weights given"
+        what = 'an empty dict' if isinstance(checkpoint, Mapping) else f'a {type(checkpoint).__name__}'
+        raise CheckpointError(f'{str(path)!r} holds {what}, expected a dict of tensors (a state dict or a '
+                              'training container holding one)')
+    return checkpoint
 
 
 def _unavailable_message(model: str, tag: Optional[str]) -> str:

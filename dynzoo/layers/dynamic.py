@@ -16,15 +16,25 @@ and the layer computes, for each sample,
 (``W_static``/``b_static`` carry an input-agnostic kernel such as Dynamic Mobile-Former's; ``post_bias`` holds the
 shift of a BatchNorm folded into the layer, see :meth:`DynamicConv2dBase.fuse_bn`).
 
-Execution strategies, all exact (they agree to float rounding, tested):
+Execution strategies, all exact (they agree to float rounding, tested in ``tests/test_dispatch.py``):
 
 * ``'grouped'``  aggregate one kernel per sample, fold the batch into the conv groups and run one ``conv2d``
   for the whole batch (FMDConv's Algorithm 1, ODConv, DynamicConv);
+* ``'tiled'``    the same math, but the per-sample kernels are aggregated in cache-sized tiles (a block of output
+  channels x a chunk of samples, :func:`tile_plan`) and each tile is consumed by its grouped conv right away. The
+  full ``(B, C_out, C_in/g, kh, kw)`` tensor is never built: in deep layers it is far larger than the
+  activations (300 MB at 512->512, 7x7, batch 32), and on a VM a fresh allocation of that size costs more in page
+  faults than the convolution itself (``docs/performance.md``);
 * ``'dense'``    run the ``K`` experts as one dense conv with ``K*C_out`` outputs and mix the outputs with
   ``alpha`` (no per-sample kernel is built; ``K`` times the FLOPs but dense-conv speed). Not available with a
-  spatial attention, which mixes taps inside the kernel;
+  spatial attention, which mixes taps inside the kernel (falls back to ``'grouped'``);
+* ``'bmm'``      pointwise (1x1, groups 1, no padding) layers as one batched matmul ``(B, C_out, C_in) @
+  (B, C_in, H*W)`` (other geometries fall back to ``'grouped'``);
 * ``'loop'``     one ``conv2d`` per sample with that sample's aggregated kernel: the reference, for tests;
-* ``'auto'``     the dispatcher :func:`select_strategy` picks by shape, batch and grad mode.
+* ``'auto'``     the dispatcher :func:`select_strategy` picks by shape, batch and grad mode from crossover points
+  measured on a 2-core CPU (``docs/performance.md``); ``strategy=`` per layer or :func:`set_default_strategy`
+  overrides it. While a graph is traced or exported the dispatcher never picks ``'tiled'``, whose loops depend
+  on the batch size.
 
 Families (FMDConv, ODConv, DynamicConv, CondConv, A2D2C, DMF) differ only in their heads: a subclass of
 :class:`DynamicConv2dBase` implements :meth:`DynamicConv2dBase.forward_attention`.
@@ -39,11 +49,13 @@ from timm.layers import to_2tuple
 
 __all__ = [
     'STRATEGIES', 'aggregate_kernels', 'per_sample_conv2d', 'dynamic_conv2d', 'select_strategy',
-    'DynamicConv2dBase', 'set_default_strategy', 'get_default_strategy',
+    'DynamicConv2dBase', 'set_default_strategy', 'get_default_strategy', 'tile_plan', 'TILE_BYTES',
 ]
 
-STRATEGIES = ('auto', 'grouped', 'dense', 'loop')
+STRATEGIES = ('auto', 'grouped', 'tiled', 'dense', 'bmm', 'loop')
 _DEFAULT_STRATEGY = ['auto']
+# bytes of aggregated kernel per tile of the 'tiled' strategy: the per-core L2 of the machine it was tuned on
+TILE_BYTES = 2 * 1024 * 1024
 
 
 def set_default_strategy(strategy: str) -> None:
@@ -59,7 +71,7 @@ def get_default_strategy() -> str:
 
 def _check_attn(t: Optional[torch.Tensor], name: str, batch: int, size: int) -> None:
     if t is not None and (t.dim() != 2 or t.shape[0] != batch or t.shape[1] != size):
-        raise ValueError(f'{name} must have shape ({batch}, {size}), got {tuple(t.shape)}')
+        raise ValueError(f'{name} must have shape ({batch}, {size}), got {t.shape}')
 
 
 def aggregate_kernels(
@@ -103,10 +115,23 @@ def per_sample_conv2d(
 ) -> torch.Tensor:
     """Convolve each sample ``x[n]`` with its own kernel ``weight[n]`` (``(B, C_out, C_in/g, kh, kw)``).
 
-    ``'grouped'`` folds the batch into the groups (one ``conv2d`` call); ``'loop'`` is the per-sample reference.
+    ``'grouped'`` folds the batch into the groups (one ``conv2d`` call); ``'bmm'`` runs a pointwise layer
+    (1x1, groups 1, no padding) as one batched matmul and is ``'grouped'`` otherwise; ``'loop'`` is the
+    per-sample reference.
     """
     batch, c_in, h, w = x.shape
     c_out = weight.shape[1]
+    if strategy == 'bmm' and _is_pointwise(weight.shape[-2], weight.shape[-1], padding, groups):
+        if stride[0] != 1 or stride[1] != 1:
+            x = x[:, :, ::stride[0], ::stride[1]]
+        out_h, out_w = x.shape[-2], x.shape[-1]
+        cols = x.reshape(batch, c_in, out_h * out_w)
+        kernels = weight.reshape(weight.shape[0], c_out, c_in).expand(batch, c_out, c_in)
+        if bias is None:
+            y = torch.bmm(kernels, cols)
+        else:
+            y = torch.baddbmm(bias.reshape(batch, c_out, 1), kernels, cols)
+        return y.reshape(batch, c_out, out_h, out_w)
     if strategy == 'loop':
         outs: List[torch.Tensor] = []
         for n in range(batch):
@@ -124,6 +149,94 @@ def per_sample_conv2d(
         flat_bias, stride, padding, dilation, groups * batch,
     )
     return y.reshape(batch, c_out, y.shape[-2], y.shape[-1])
+
+
+def _is_pointwise(kh: int, kw: int, padding: Tuple[int, int], groups: int) -> bool:
+    return kh == 1 and kw == 1 and padding[0] == 0 and padding[1] == 0 and groups == 1
+
+
+def tile_plan(
+        batch: int,
+        out_channels: int,
+        groups: int,
+        kernel_row_elems: int,
+        elem_size: int = 4,
+        budget: int = TILE_BYTES,
+) -> Tuple[int, int]:
+    """``(rows, samples)`` of one tile of the ``'tiled'`` strategy: the aggregated kernels of ``samples`` samples
+    for ``rows`` output channels take at most ``budget`` bytes (at least one sample and one group's outputs).
+
+    ``kernel_row_elems`` is ``C_in/g * kh * kw`` (one output channel's kernel). ``rows`` is a multiple of the
+    outputs per group, so a tile covers whole conv groups.
+    """
+    per_row = max(1, kernel_row_elems * elem_size)
+    out_per_group = out_channels // groups
+    if out_channels * per_row <= budget:
+        rows = out_channels
+    else:
+        rows = max(out_per_group, (budget // per_row) // out_per_group * out_per_group)
+    samples = max(1, min(batch, budget // (rows * per_row)))
+    return rows, samples
+
+
+def _tiled_dynamic_conv2d(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        kernel_attn: Optional[torch.Tensor],
+        spatial_attn: Optional[torch.Tensor],
+        static_weight: Optional[torch.Tensor],
+        agg_bias: Optional[torch.Tensor],
+        stride: Tuple[int, int],
+        padding: Tuple[int, int],
+        dilation: Tuple[int, int],
+        groups: int,
+) -> torch.Tensor:
+    """The ``'tiled'`` strategy: per-sample kernels built tile by tile (:func:`tile_plan`), each tile consumed by
+    :func:`per_sample_conv2d` at once. Output-channel tiles are the outer loop, so a tile of the bank is read from
+    memory once and reused from cache by every sample chunk."""
+    batch = x.shape[0]
+    num_k, c_out, c_in_g, kh, kw = weight.shape
+    rows, samples = tile_plan(batch, c_out, groups, c_in_g * kh * kw, x.element_size())
+    out_per_group = c_out // groups
+    pointwise = _is_pointwise(kh, kw, padding, groups)
+    inner = 'bmm' if pointwise else 'grouped'
+    row_tiles: List[torch.Tensor] = []
+    for r0 in range(0, c_out, rows):
+        r1 = min(c_out, r0 + rows)
+        g0 = r0 // out_per_group
+        g1 = r1 // out_per_group
+        w_t = weight if rows == c_out else weight[:, r0:r1].contiguous()
+        sw_t: Optional[torch.Tensor] = None
+        if static_weight is not None:
+            sw_t = static_weight if rows == c_out else static_weight[r0:r1]
+        x_t = x if (g0 == 0 and g1 == groups) else x[:, g0 * c_in_g:g1 * c_in_g]
+        chunks: List[torch.Tensor] = []
+        for n0 in range(0, batch, samples):
+            n1 = min(batch, n0 + samples)
+            ka: Optional[torch.Tensor] = None
+            if kernel_attn is not None:
+                ka = kernel_attn[n0:n1]
+            sa: Optional[torch.Tensor] = None
+            if spatial_attn is not None:
+                sa = spatial_attn[n0:n1]
+            agg = aggregate_kernels(w_t, ka, sa, sw_t)
+            if agg.shape[0] != n1 - n0:
+                agg = agg.expand(n1 - n0, -1, -1, -1, -1)
+            b_t: Optional[torch.Tensor] = None
+            if agg_bias is not None:
+                b_t = agg_bias[n0:n1, r0:r1].to(x.dtype)
+            chunks.append(per_sample_conv2d(
+                x_t[n0:n1], agg.to(x.dtype), b_t, stride, padding, dilation, g1 - g0, inner))
+        row_tiles.append(chunks[0] if len(chunks) == 1 else torch.cat(chunks, 0))
+    return row_tiles[0] if len(row_tiles) == 1 else torch.cat(row_tiles, 1)
+
+
+def _is_exporting() -> bool:
+    """True while ``torch.jit.trace``, ``torch.onnx.export`` or ``torch.export`` records a graph."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)
+    return bool(is_exporting()) if is_exporting is not None else False
 
 
 def select_strategy(
@@ -188,25 +301,37 @@ def dynamic_conv2d(
             (_out_size(h, kh, stride[0], padding[0], dilation[0]), _out_size(w, kw, stride[1], padding[1], dilation[1])),
             spatial_attn is not None, torch.is_grad_enabled() and weight.requires_grad,
         )
+        if not torch.jit.is_scripting():
+            if strategy == 'tiled' and _is_exporting():  # tiling loops would bake the batch size into the graph
+                strategy = 'grouped'
     if in_scale is not None:
         x = x * in_scale.to(x.dtype).reshape(batch, c_in, 1, 1)
 
     if strategy == 'dense' and spatial_attn is None:
-        y = F.conv2d(x, weight.reshape((num_k * c_out,) + weight.shape[2:]), None, stride, padding, dilation, groups)
-        y = y.reshape(batch, num_k, c_out, y.shape[-2], y.shape[-1])
+        # group-major expert order: conv group j must hold the K experts' filters of group j's output channels
+        dense_w = weight.reshape(num_k, groups, c_out // groups, c_in_g, kh, kw).transpose(0, 1)
+        y = F.conv2d(x, dense_w.reshape(num_k * c_out, c_in_g, kh, kw), None, stride, padding, dilation, groups)
+        out_h, out_w = y.shape[-2], y.shape[-1]
+        y = y.reshape(batch, groups, num_k, c_out // groups, out_h, out_w).transpose(1, 2)
+        y = y.reshape(batch, num_k, c_out, out_h, out_w)
         if kernel_attn is None:
             y = y.sum(1)
-        else:
-            attn = kernel_attn.to(y.dtype)
-            y = torch.einsum('bk,bkchw->bchw', attn, y)
+        else:  # (B, 1, K) @ (B, K, C_out*H'*W'): one batched GEMV mixes the experts' outputs
+            y = torch.bmm(kernel_attn.to(y.dtype).unsqueeze(1), y.reshape(batch, num_k, c_out * out_h * out_w))
+            y = y.reshape(batch, c_out, out_h, out_w)
         if static_weight is not None:
             y = y + F.conv2d(x, static_weight, None, stride, padding, dilation, groups)
         agg_bias = _aggregate_bias(bias, kernel_attn, static_bias, batch)
         if agg_bias is not None:
             y = y + agg_bias.to(y.dtype).reshape(batch, c_out, 1, 1)
+    elif strategy == 'tiled':
+        agg_bias = _aggregate_bias(bias, kernel_attn, static_bias, batch)
+        y = _tiled_dynamic_conv2d(
+            x, weight, kernel_attn, spatial_attn, static_weight, agg_bias, stride, padding, dilation, groups)
     else:
-        if strategy not in ('grouped', 'loop', 'dense'):
-            raise ValueError(f"Unknown execution strategy {strategy!r}; expected one of {STRATEGIES}.")
+        if strategy not in ('grouped', 'loop', 'dense', 'bmm'):
+            raise ValueError(
+                "Unknown execution strategy '" + strategy + "'; expected auto, grouped, tiled, dense, bmm or loop.")
         if strategy == 'dense':  # spatial attention mixes kernel taps: only the aggregated forms apply
             strategy = 'grouped'
         agg_w = aggregate_kernels(weight, kernel_attn, spatial_attn, static_weight)
@@ -301,12 +426,18 @@ class DynamicConv2dBase(nn.Module):
         return self.groups == self.in_channels == self.out_channels
 
     def check_input(self, x: torch.Tensor) -> None:
+        if not torch.jit.is_scripting():  # the messages use Python-only features; TorchScript skips the checks
+            self._check_input_eager(x)
+
+    @torch.jit.unused
+    def _check_input_eager(self, x: torch.Tensor) -> None:
+        name = type(self).__name__
         if x.dim() != 4:
             raise ValueError(
-                f'{type(self).__name__} expects a 4-D input (B, C, H, W), got shape {tuple(x.shape)}')
+                f'{name} expects a 4-D input (B, C, H, W), got shape {tuple(x.shape)}')
         if x.shape[1] != self.in_channels:
             raise ValueError(
-                f'{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]} '
+                f'{name} expects {self.in_channels} input channels, got {x.shape[1]} '
                 f'(input shape {tuple(x.shape)})')
 
     def forward_attention(self, x: torch.Tensor) -> Tuple[
@@ -315,7 +446,12 @@ class DynamicConv2dBase(nn.Module):
         raise NotImplementedError
 
     def effective_strategy(self) -> str:
-        return get_default_strategy() if self.strategy == 'auto' else self.strategy
+        if self.strategy != 'auto':
+            return self.strategy
+        if torch.jit.is_scripting():  # the module-level override is Python state: scripted layers dispatch
+            return 'auto'
+        else:
+            return get_default_strategy()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -361,3 +497,76 @@ class DynamicConv2dBase(nn.Module):
         if self.strategy != 'auto':
             s += f', strategy={self.strategy!r}'
         return s
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-sample DEPTHWISE dynamic convolution (ATConv, dynzoo/layers/atconv.py). Appended by the AttNet engineer.
+# ---------------------------------------------------------------------------------------------------------------------
+
+DEPTHWISE_STRATEGIES = ('auto', 'grouped', 'shift', 'unfold', 'loop')
+
+
+def select_depthwise_strategy(batch: int, channels: int, hw: Tuple[int, int], training: bool) -> str:
+    """Fastest exact strategy for :func:`per_sample_depthwise_conv2d`: ``'grouped'`` at every shape measured.
+
+    ``scripts/bench_atconv.py`` (2-core shared CPU, 1 thread, torch 2.14, fp32, median of 11, interleaved), time
+    relative to ``grouped`` on the AttNet-T1 stage shapes (C, HxW) = (48, 56^2), (96, 28^2), (224, 14^2), (384, 7^2):
+
+    ==========  ===================  ===================  ===================
+    op alone    shift                unfold               loop
+    ==========  ===================  ===================  ===================
+    eval  B=1   2.64-2.86x           2.65-26.3x           1.21-2.19x
+    eval  B=32  4.71-14.1x           9.10-23.5x           1.37-5.49x
+    train B=1   3.16-14.2x           1.91-16.8x           1.49-1.92x
+    train B=32  6.17-7.98x           4.38-9.47x           2.43-4.33x
+    ==========  ===================  ===================  ===================
+
+    Inside a whole ATConv layer (1x1 convs and pooling included) the gap shrinks to 1.05-3.66x (shift),
+    1.06-4.00x (unfold), ~1.0-1.74x (loop). No shape favoured another strategy, so there is no crossover to
+    dispatch on; the arguments are kept so a faster kernel (e.g. a GPU one) can be dispatched here by shape.
+    """
+    return 'grouped'
+
+
+def per_sample_depthwise_conv2d(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        padding: Tuple[int, int],
+        strategy: str = 'auto',
+) -> torch.Tensor:
+    """Stride-1 depthwise conv of each ``x[b, c]`` with its own kernel ``weight[b, c]`` (``(B, C, kh, kw)``).
+
+    ``y[b,c,h,w] = sum_{u,v} weight[b,c,u,v] * x[b,c,h+u-p_h,w+v-p_w]`` (cross-correlation, zero padding). Strategies,
+    all exact: ``'grouped'`` folds batch and channels into the groups of one ``conv2d`` (the ``(B, C, 1, kh, kw)``
+    kernels through :func:`per_sample_conv2d`); ``'shift'`` sums ``kh*kw`` shifted, scaled views of the padded
+    input (no dynamic ``groups``: ONNX / channels_last friendly); ``'unfold'`` gathers the taps with ``F.unfold``
+    and contracts them with the kernel; ``'loop'`` is one depthwise ``conv2d`` per sample (the reference);
+    ``'auto'`` dispatches with :func:`select_depthwise_strategy`.
+    """
+    if x.dim() != 4 or weight.dim() != 4 or weight.shape[0] != x.shape[0] or weight.shape[1] != x.shape[1]:
+        raise ValueError(f'per_sample_depthwise_conv2d expects x (B, C, H, W) and weight (B, C, kh, kw), got '
+                         f'{x.shape} and {weight.shape}')
+    batch, channels, h, w = x.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    out_h = h + 2 * padding[0] - kh + 1
+    out_w = w + 2 * padding[1] - kw + 1
+    if strategy == 'auto':
+        strategy = select_depthwise_strategy(batch, channels, (h, w), torch.is_grad_enabled())
+    weight = weight.to(x.dtype)
+    if strategy == 'grouped' or strategy == 'loop':
+        return per_sample_conv2d(
+            x, weight.unsqueeze(2), None, (1, 1), padding, (1, 1), channels, strategy)
+    if strategy == 'shift':
+        xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        y = xp[:, :, 0:out_h, 0:out_w] * weight[:, :, 0:1, 0:1]
+        for t in range(1, kh * kw):
+            u = t // kw
+            v = t % kw
+            y = y + xp[:, :, u:u + out_h, v:v + out_w] * weight[:, :, u:u + 1, v:v + 1]
+        return y
+    if strategy == 'unfold':
+        cols = F.unfold(x, (kh, kw), padding=padding).view(batch, channels, kh * kw, out_h * out_w)
+        y = torch.matmul(weight.reshape(batch, channels, 1, kh * kw), cols)
+        return y.view(batch, channels, out_h, out_w)
+    raise ValueError(f"Unknown depthwise strategy '{strategy}'; expected one of "
+                     "'auto', 'grouped', 'shift', 'unfold', 'loop'")

@@ -29,11 +29,11 @@ class TemperatureMixin:
     """A module with a ``temperature`` buffer and a ``temperature_role`` (``'kernel'`` or ``'gate'``)."""
     temperature_role: str = 'kernel'
 
-    def _init_temperature(self, temperature: float, role: str) -> None:
+    def _init_temperature(self, temperature: float, role: str, device=None) -> None:
         if temperature <= 0:
             raise ValueError(f'temperature must be > 0, got {temperature}')
         self.temperature_role = role
-        self.register_buffer('temperature', torch.tensor(float(temperature)))
+        self.register_buffer('temperature', torch.tensor(float(temperature), device=device))
 
     @torch.no_grad()
     def set_temperature(self, temperature: float) -> None:
@@ -80,6 +80,13 @@ def linear_temperature(progress: float, t0: float = 30.0, t1: float = 1.0) -> fl
     return t0 + (t1 - t0) * p
 
 
+def softmax_fp32(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Softmax computed in at least float32: fp16/bf16 logits (autocast) are upcast, float64 stays float64."""
+    if logits.dtype == torch.float16 or logits.dtype == torch.bfloat16:
+        logits = logits.float()
+    return torch.softmax(logits, dim=dim)
+
+
 def _kaiming_conv_init(m: nn.Conv2d) -> None:
     nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
     if m.bias is not None:
@@ -115,7 +122,7 @@ class ODConvAttention(nn.Module, TemperatureMixin):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         attn_channels = max(int(in_channels * reduction), min_channels)
-        self._init_temperature(temperature, 'gate' if not kernel_head else 'kernel')
+        self._init_temperature(temperature, 'gate' if not kernel_head else 'kernel', device=device)
         self.fc = nn.Conv2d(in_channels, attn_channels, 1, bias=False, **dd)
         self.bn = nn.BatchNorm2d(attn_channels, **dd)
         self.channel_fc = nn.Conv2d(attn_channels, in_channels, 1, bias=True, **dd) if channel_head else None
@@ -141,7 +148,7 @@ class ODConvAttention(nn.Module, TemperatureMixin):
         filt: Optional[torch.Tensor] = None
         spatial: Optional[torch.Tensor] = None
         if self.kernel_fc is not None:
-            kernel = torch.softmax(self.kernel_fc(a).flatten(1).float() / t, dim=1)
+            kernel = softmax_fp32(self.kernel_fc(a).flatten(1) / t, dim=1)
         if self.channel_fc is not None:
             channel = torch.sigmoid(self.channel_fc(a).flatten(1) / t)
         if self.filter_fc is not None:
@@ -169,7 +176,7 @@ class KernelAttention(nn.Module, TemperatureMixin):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         hidden = num_kernels if in_channels == 3 else int(in_channels * ratio) + 1
-        self._init_temperature(temperature, 'kernel')
+        self._init_temperature(temperature, 'kernel', device=device)
         self.fc1 = nn.Conv2d(in_channels, hidden, 1, bias=False, **dd)
         self.fc2 = nn.Conv2d(hidden, num_kernels, 1, bias=True, **dd)
         for m in (self.fc1, self.fc2):
@@ -177,7 +184,7 @@ class KernelAttention(nn.Module, TemperatureMixin):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         z = self.fc2(F.relu(self.fc1(pooled))).flatten(1)
-        return torch.softmax(z.float() / self.temperature, dim=1)
+        return softmax_fp32(z / self.temperature, dim=1)
 
 
 class RoutingAttention(nn.Module):

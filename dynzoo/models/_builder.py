@@ -16,7 +16,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, get_arch_pr
 from dynzoo import hub
 
 __all__ = ['dynzoo_cfg', 'generate_dynzoo_cfgs', 'build_dynzoo_model', 'register_family', 'FAMILIES',
-           'MODEL_INFO', 'register_model_info', 'HUB_ORG']
+           'MODEL_INFO', 'register_model_info', 'HUB_ORG', 'known_tags']
 
 HUB_ORG = 'dynzoo'
 
@@ -104,6 +104,11 @@ def _strict_filter(
     return _filter
 
 
+def known_tags(variant: str):
+    """The pretrained tags registered for ``variant`` (``'in1k'`` for ``variant.in1k``)."""
+    return [name.partition('.')[2] for name in get_arch_pretrained_cfgs(variant)]
+
+
 def build_dynzoo_model(
         model_cls: Callable[..., nn.Module],
         variant: str,
@@ -120,7 +125,7 @@ def build_dynzoo_model(
     """
     pretrained_cfg = kwargs.pop('pretrained_cfg', None)
     overlay = kwargs.pop('pretrained_cfg_overlay', None)
-    known = get_arch_pretrained_cfgs(variant)
+    known = known_tags(variant)
     if isinstance(pretrained_cfg, str) and pretrained_cfg and pretrained_cfg not in known:
         raise ValueError(
             f'Unknown pretrained tag {variant}.{pretrained_cfg}; known tags: '

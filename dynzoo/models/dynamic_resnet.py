@@ -16,19 +16,25 @@ Placement is a predicate ``(name, conv) -> bool`` over the host's static convs:
 * MobileNetV2 ``'depthwise'``: the depthwise 3x3 convs only.
 """
 from functools import partial
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Set, Union
 
+import torch
 import torch.nn as nn
 
 from timm.layers import get_act_layer
 from timm.models import ResNet
 from timm.models._efficientnet_builder import decode_arch_def, round_channels
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from timm.models.efficientnet import EfficientNet
 from timm.models.resnet import BasicBlock, Bottleneck
 
+from dynzoo.layers.dynamic import DynamicConv2dBase
+
+from dynzoo.reparam import fold_batchnorm, fold_sequential_batchnorms
+
 __all__ = [
     'DynamicResNet', 'DynamicMobileNetV2', 'replace_convs', 'RESNET_PLACEMENT_NAMES', 'MOBILENETV2_PLACEMENTS',
-    'resnet_layout', 'mobilenetv2_kwargs',
+    'resnet_layout', 'mobilenetv2_kwargs', 'dynamic_bias_names',
 ]
 
 ConvFactory = Callable[..., nn.Module]
@@ -56,7 +62,7 @@ MOBILENETV2_PLACEMENTS: Dict[str, Placement] = {
 def replace_convs(model: nn.Module, conv_layer: ConvFactory, placement: Placement) -> int:
     """Swap every ``nn.Conv2d`` of ``model`` that ``placement`` selects for ``conv_layer`` of the same geometry.
 
-    ``conv_layer(in, out, kernel_size, stride=, padding=, dilation=, groups=)`` must return the module; the
+    ``conv_layer(in, out, kernel_size, stride=, padding=, dilation=, groups=, device=, dtype=)`` must return the module; the
     static conv's bias flag is not forwarded (each method decides its own bias). Returns the number replaced.
     """
     targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Conv2d and placement(n, m)]
@@ -65,11 +71,19 @@ def replace_convs(model: nn.Module, conv_layer: ConvFactory, placement: Placemen
             raise ValueError(f'{name}: string padding {conv.padding!r} is not supported by dynamic convs')
         new = conv_layer(
             conv.in_channels, conv.out_channels, conv.kernel_size,
-            stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+            stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+            device=conv.weight.device, dtype=conv.weight.dtype)  # keep the host's device/dtype (meta builds)
         parent_name, _, child = name.rpartition('.')
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
     return len(targets)
+
+
+def dynamic_bias_names(model: nn.Module) -> Set[str]:
+    """Names of the dynamic convs' per-kernel biases ``(K, C_out)``: biases, exempt from weight decay although
+    2-D (timm's optimizer factory already exempts every 1-D parameter)."""
+    return {f'{n}.bias' for n, m in model.named_modules()
+            if isinstance(m, DynamicConv2dBase) and m.bias is not None}
 
 
 def resnet_layout(depth: int):
@@ -78,6 +92,62 @@ def resnet_layout(depth: int):
         18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
         50: (Bottleneck, [3, 4, 6, 3]), 101: (Bottleneck, [3, 4, 23, 3]),
     }[depth]
+
+
+class ReparamBasicBlock(BasicBlock):
+    """timm's ``BasicBlock`` plus :meth:`reparameterize` (the hosts give their blocks this class after building)."""
+
+    def reparameterize(self) -> None:
+        """Fold ``bn1``/``bn2`` into ``conv1``/``conv2`` (dynamic: ``fuse_bn``) and the downsample's conv+BN."""
+        fold_batchnorm(self, 'conv1', 'bn1')
+        fold_batchnorm(self, 'conv2', 'bn2')
+        fold_sequential_batchnorms(self.downsample)
+
+
+class ReparamBottleneck(Bottleneck):
+    """timm's ``Bottleneck`` plus :meth:`reparameterize`."""
+
+    def reparameterize(self) -> None:
+        """Fold ``bn1..3`` into ``conv1..3`` (dynamic: ``fuse_bn``) and the downsample's conv+BN."""
+        for i in (1, 2, 3):
+            fold_batchnorm(self, f'conv{i}', f'bn{i}')
+        fold_sequential_batchnorms(self.downsample)
+
+
+class ReparamDepthwiseSeparableConv(DepthwiseSeparableConv):
+    """timm's ``DepthwiseSeparableConv`` plus :meth:`reparameterize`."""
+
+    def reparameterize(self) -> None:
+        """Fold each ``BatchNormAct2d`` into its conv; its activation stays."""
+        fold_batchnorm(self, 'conv_s2d', 'bn_s2d')
+        fold_batchnorm(self, 'conv_dw', 'bn1')
+        fold_batchnorm(self, 'conv_pw', 'bn2')
+
+
+class ReparamInvertedResidual(InvertedResidual):
+    """timm's ``InvertedResidual`` plus :meth:`reparameterize`."""
+
+    def reparameterize(self) -> None:
+        """Fold each ``BatchNormAct2d`` into its conv (pw-expand, depthwise, pw-linear); activations stay."""
+        fold_batchnorm(self, 'conv_s2d', 'bn_s2d')
+        fold_batchnorm(self, 'conv_pw', 'bn1')
+        fold_batchnorm(self, 'conv_dw', 'bn2')
+        fold_batchnorm(self, 'conv_pwl', 'bn3')
+
+
+_REPARAM_BLOCKS = {
+    BasicBlock: ReparamBasicBlock, Bottleneck: ReparamBottleneck,
+    DepthwiseSeparableConv: ReparamDepthwiseSeparableConv, InvertedResidual: ReparamInvertedResidual,
+}
+
+
+def _make_blocks_reparameterizable(model: nn.Module) -> None:
+    """Give timm's blocks their ``Reparam*`` subclass (same state, same forward; adds ``reparameterize()``), so
+    ``timm.utils.reparameterize_model`` -- which visits modules, not the model -- reaches the BatchNorm folds."""
+    for m in model.modules():
+        cls = _REPARAM_BLOCKS.get(type(m))
+        if cls is not None:
+            m.__class__ = cls
 
 
 class DynamicResNet(ResNet):
@@ -99,6 +169,15 @@ class DynamicResNet(ResNet):
             else:
                 placement = RESNET_PLACEMENTS[placement]
         self.num_dynamic = replace_convs(self, conv_layer, placement)
+        _make_blocks_reparameterizable(self)
+
+    def reparameterize(self) -> None:
+        """Fold the stem BatchNorm into the stem conv; the blocks fold their own (``dynzoo.reparameterize`` walks
+        the whole model, root included: use it, not this method alone)."""
+        if isinstance(self.conv1, nn.Sequential):  # deep stem: its inner pairs fold, the final bn1 stays
+            fold_sequential_batchnorms(self.conv1)
+        else:
+            fold_batchnorm(self, 'conv1', 'bn1')
 
 
 def _first_3x3_placement(model: nn.Module) -> Placement:
@@ -160,3 +239,14 @@ class DynamicMobileNetV2(EfficientNet):
                 raise ValueError(f'unknown placement {placement!r}; expected one of {sorted(MOBILENETV2_PLACEMENTS)}')
             placement = MOBILENETV2_PLACEMENTS[placement]
         self.num_dynamic = replace_convs(self, conv_layer, placement)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return dynamic_bias_names(self)
+        _make_blocks_reparameterizable(self)
+
+    def reparameterize(self) -> None:
+        """Fold the stem and head ``BatchNormAct2d`` into ``conv_stem`` / ``conv_head`` (dynamic: ``fuse_bn``); the
+        blocks fold their own (``dynzoo.reparameterize`` walks the whole model: use it, not this method alone)."""
+        fold_batchnorm(self, 'conv_stem', 'bn1')
+        fold_batchnorm(self, 'conv_head', 'bn2')

@@ -1,0 +1,287 @@
+"""A2D2C / A2D2C+: adaptive attention-driven dynamic convolution (Zhang et al., "A2D2C: Adaptive
+Attention-Driven Dynamic Convolution for Local Feature Adaptation").
+
+Routing (paper §3.2-3.3, Eq. 2-5; spec §1.1, §2.3): every base kernel ``W_i`` answers the layer input,
+``F_i = conv(x, W_i) + b_i`` (Eq. 2); its response is summarised by multi-point random sampling (MRS, Eq. 3-4), the
+mean of ``F_i`` over ``M`` positions drawn uniformly with replacement, ``p_i = mean_j F_i[:, u_ij]`` (``C_out``
+values); one linear router shared by all kernels turns each summary into a logit ``z_i = w . p_i + b`` and
+``pi = softmax(z / T)`` over the ``K`` kernels (Eq. 5; the paper's ``softmax(p_i)`` is read as a softmax over the
+kernels, spec A3). Two execution modes with identical parameters and identical outputs for the same positions:
+
+* ``mode='fused'`` (A2D2C, Eq. 6-7): the sampled means are computed without the ``K`` response maps, by
+  linearity ``p_i = W_i (*) P_i + b_i`` where ``P_i`` is the mean input patch under the sampled positions (exact,
+  zero padding included), then ONE convolution with the aggregated kernel ``sum_i pi_i W_i`` (the shared core);
+* ``mode='sum'`` (A2D2C+, Eq. 8, Alg. 2): the ``K`` response maps are computed as one dense conv with ``K*C_out``
+  outputs, sampled for the routing, and mixed, ``y = sum_i pi_i F_i``. ``K`` times the convolution FLOPs (the
+  paper's printed A2D2C+ MAdds do not count them, spec A4).
+
+Decisions the paper leaves open (spec §2.6-2.8, A5-A7):
+
+* sampling shares one index set per kernel across the mini-batch (``sample_per='batch'``) or draws one per
+  sample (``'sample'``); indices come from the global torch RNG, so ``torch.manual_seed`` reproduces a run;
+* evaluation (``model.eval()``) is deterministic and batch-independent: ``eval_sampling='mean'`` (default) uses
+  the expectation of the MRS estimator, every output position with equal weight (as dropout uses its
+  expectation); ``'fixed'`` uses a deterministic golden-ratio (Weyl) set of ``M`` positions per kernel, a
+  stand-in for the paper's "fixed sampling" ablation; ``'random'`` keeps the paper-literal stochastic sampling;
+* the temperature is a persistent buffer of the router (role ``'kernel'``), default 1 (an inference-ready
+  model); training anneals it 30 -> 1 over the first 10 epochs (:func:`a2d2c_temperature`);
+* folding a following BatchNorm scales each output channel of every response ``F_i`` by ``s``, which would
+  change the router's input: :meth:`A2D2CConv2d.fuse_bn` compensates exactly by dividing the router weight by
+  ``s`` (the BN shift adds the same constant to every logit, which the softmax ignores).
+"""
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import register_notrace_module
+
+from .dynamic import DynamicConv2dBase, dynamic_conv2d
+from .heads import TemperatureMixin, linear_temperature, softmax_fp32
+
+__all__ = ['A2D2CConv2d', 'A2D2CRouter', 'a2d2c_temperature', 'A2D2C_MODES', 'A2D2C_EVAL_SAMPLING']
+
+A2D2C_MODES = ('fused', 'sum')
+A2D2C_SAMPLE_PER = ('batch', 'sample')
+A2D2C_EVAL_SAMPLING = ('mean', 'fixed', 'random')
+
+
+def a2d2c_temperature(iteration: int, iters_per_epoch: int, t0: float = 30.0, epochs: int = 10) -> float:
+    """The paper's schedule (§4.3): ``T`` from ``t0`` linearly to 1 over the first ``epochs`` epochs, per iteration
+    (``iteration`` is the 0-based global step). The end value 1 is PROPOSED (spec A7)."""
+    if iters_per_epoch <= 0:
+        raise ValueError(f'iters_per_epoch must be > 0, got {iters_per_epoch}')
+    return linear_temperature(iteration / float(iters_per_epoch * epochs), t0, 1.0)
+
+
+class A2D2CRouter(nn.Linear, TemperatureMixin):
+    """The shared scalar router ``z_i = w . p_i + b`` (``w``: ``C_out`` values) and ``pi = softmax(z / T)`` over
+    the kernels (§3.3). Keys ``router.weight`` ``(1, C_out)``, ``router.bias`` ``(1,)`` (zero init),
+    ``router.temperature``."""
+
+    def __init__(self, out_channels: int, temperature: float = 1.0, device=None, dtype=None):
+        super().__init__(out_channels, 1, bias=True, device=device, dtype=dtype)
+        nn.init.zeros_(self.bias)
+        self._init_temperature(temperature, 'kernel', device=device)
+
+    def forward(self, descriptors: torch.Tensor) -> torch.Tensor:
+        """``descriptors`` ``(B, K, C_out)`` -> routing weights ``pi`` ``(B, K)`` (softmax in at least fp32)."""
+        z = F.linear(descriptors, self.weight.to(descriptors.dtype), self.bias.to(descriptors.dtype)).squeeze(-1)
+        return softmax_fp32(z / self.temperature, dim=1)
+
+
+def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@register_notrace_module
+class A2D2CConv2d(DynamicConv2dBase):
+    """A2D2C (``mode='fused'``) / A2D2C+ (``mode='sum'``) layer with full ``nn.Conv2d`` geometry.
+
+    Args (beyond ``nn.Conv2d``'s): ``num_kernels`` K (paper: 4), ``num_points`` M (paper: 100), ``mode``,
+    ``temperature`` (router softmax), ``sample_per`` (``'batch'`` | ``'sample'``), ``eval_sampling``
+    (``'mean'`` | ``'fixed'`` | ``'random'``). ``bias=False`` in the backbones (BN follows). Parameters:
+    ``K*C_out*C_in/g*kh*kw + C_out + 1`` (+ ``K*C_out`` with bias).
+
+    ``forward(x, positions=None)``: ``positions`` (int64, ``(K, M)`` shared by the batch or ``(B, K, M)``,
+    values in ``[0, H_out*W_out)``, row-major output positions) overrides the sampling -- for tests and analysis.
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size,
+            stride=1,
+            padding=0,
+            dilation=1,
+            groups: int = 1,
+            bias: bool = False,
+            num_kernels: int = 4,
+            num_points: int = 100,
+            mode: str = 'fused',
+            temperature: float = 1.0,
+            sample_per: str = 'batch',
+            eval_sampling: str = 'mean',
+            strategy: str = 'auto',
+            padding_mode: str = 'zeros',
+            device=None,
+            dtype=None,
+    ):
+        if mode not in A2D2C_MODES:
+            raise ValueError(f'mode must be one of {A2D2C_MODES} (fused = A2D2C, sum = A2D2C+), got {mode!r}')
+        if sample_per not in A2D2C_SAMPLE_PER:
+            raise ValueError(f'sample_per must be one of {A2D2C_SAMPLE_PER}, got {sample_per!r}')
+        if eval_sampling not in A2D2C_EVAL_SAMPLING:
+            raise ValueError(f'eval_sampling must be one of {A2D2C_EVAL_SAMPLING}, got {eval_sampling!r}')
+        if num_points < 1:
+            raise ValueError(f'num_points must be >= 1, got {num_points}')
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_kernels,
+            strategy, padding_mode, device=device, dtype=dtype)
+        self.num_points = num_points
+        self.mode = mode
+        self.sample_per = sample_per
+        self.eval_sampling = eval_sampling
+        self.router = A2D2CRouter(out_channels, temperature, device=device, dtype=dtype)
+
+    # ---------------------------------------------------------------- sampling (Eq. 3-4)
+    def sampling_weights(
+            self,
+            batch: int,
+            out_hw: Tuple[int, int],
+            device: torch.device,
+            positions: Optional[torch.Tensor] = None,
+            dtype: torch.dtype = torch.float32,
+    ) -> Optional[torch.Tensor]:
+        """Weight of every output position in each kernel's descriptor: ``(K, L)`` or ``(B, K, L)``, each row the
+        sample multiplicities divided by ``M`` (sums to 1). ``None`` means the uniform ``1/L`` (eval ``'mean'``)."""
+        num_pos = out_hw[0] * out_hw[1]
+        k = self.num_kernels
+        m = self.num_points
+        if positions is None:
+            if self.training or self.eval_sampling == 'random':
+                shape: List[int] = [k, m] if self.sample_per == 'batch' else [batch, k, m]
+                positions = torch.randint(0, num_pos, shape, device=device)
+            elif self.eval_sampling == 'fixed':
+                j = torch.arange(k * m, device=device, dtype=torch.float64)
+                frac = torch.remainder(0.5 + (j + 1.0) * 0.6180339887498949, 1.0)  # (sqrt(5) - 1) / 2
+                positions = (frac * num_pos).floor().long().clamp_(max=num_pos - 1).reshape(k, m)
+            else:
+                return None
+        if positions.dim() not in (2, 3) or positions.shape[-2] != k or (
+                positions.dim() == 3 and positions.shape[0] != batch):
+            raise ValueError(
+                f'positions must have shape ({k}, M) or ({batch}, {k}, M), got {positions.shape}')
+        if positions.dtype != torch.int64:
+            raise ValueError(f'positions must be int64, got {positions.dtype}')
+        if bool((positions < 0).any()) or bool((positions >= num_pos).any()):
+            raise ValueError(f'positions must lie in [0, {num_pos}) for a {out_hw[0]}x{out_hw[1]} output')
+        # float64 inputs get float64 weights (gradcheck); everything else float32 (1/M is not exact in fp16)
+        wdtype = torch.float64 if dtype == torch.float64 else torch.float32
+        counts = torch.zeros(list(positions.shape[:-1]) + [num_pos], device=device, dtype=wdtype)
+        ones = torch.full(positions.shape, 1.0 / positions.shape[-1], device=device, dtype=wdtype)
+        return counts.scatter_add_(-1, positions, ones)
+
+    def output_size(self, x: torch.Tensor) -> Tuple[int, int]:
+        return (
+            _out_size(x.shape[-2], self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0]),
+            _out_size(x.shape[-1], self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1]),
+        )
+
+    # ---------------------------------------------------------------- routing descriptors
+    def mean_patches(self, x: torch.Tensor, weights: Optional[torch.Tensor], out_hw: Tuple[int, int]) -> torch.Tensor:
+        """``P_i``: the weighted mean of the input patches under kernel ``i``'s sample weights, exact with zero
+        padding -> ``(B, K, C_in, kh*kw)``. One strided slice of the padded input per kernel tap."""
+        batch, c_in = x.shape[0], x.shape[1]
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        dh, dw = self.dilation
+        ho, wo = out_hw
+        x_pad = F.pad(x, [self.padding[1], self.padding[1], self.padding[0], self.padding[0]])
+        taps: List[torch.Tensor] = []
+        for ty in range(kh):
+            for tx in range(kw):
+                tap = x_pad[:, :, ty * dh: ty * dh + sh * (ho - 1) + 1: sh, tx * dw: tx * dw + sw * (wo - 1) + 1: sw]
+                tap = tap.reshape(batch, c_in, ho * wo)
+                if weights is None:
+                    taps.append(tap.mean(-1).unsqueeze(1).expand(batch, self.num_kernels, c_in))
+                elif weights.dim() == 2:
+                    taps.append(torch.einsum('bcl,kl->bkc', tap, weights.to(tap.dtype)))
+                else:
+                    taps.append(torch.einsum('bcl,bkl->bkc', tap, weights.to(tap.dtype)))
+        return torch.stack(taps, -1)
+
+    def descriptors_fused(self, x: torch.Tensor, weights: Optional[torch.Tensor], out_hw: Tuple[int, int]) -> torch.Tensor:
+        """``p_i = W_i (*) P_i + b_i`` -> ``(B, K, C_out)``: the sampled mean of ``F_i`` without computing ``F_i``."""
+        patches = self.mean_patches(x, weights, out_hw)
+        batch = x.shape[0]
+        k, g = self.num_kernels, self.groups
+        c_in_g = self.in_channels // g
+        c_out_g = self.out_channels // g
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        patches = patches.reshape(batch, k, g, c_in_g, taps)
+        w = self.weight.to(patches.dtype).reshape(k, g, c_out_g, c_in_g, taps)
+        desc = torch.einsum('bkgct,kgoct->bkgo', patches, w).reshape(batch, k, self.out_channels)
+        if self.bias is not None:
+            desc = desc + self.bias.to(desc.dtype).unsqueeze(0)
+        return desc
+
+    def responses(self, x: torch.Tensor) -> torch.Tensor:
+        """All ``K`` response maps ``F_i = conv(x, W_i) + b_i`` as one conv -> ``(B, K, C_out, H', W')``.
+
+        With groups the bank is reordered group-major, so each group's ``K*C_out/g`` outputs see that group's
+        inputs only."""
+        batch = x.shape[0]
+        k, g = self.num_kernels, self.groups
+        c_out_g = self.out_channels // g
+        kernel_shape = list(self.weight.shape[2:])
+        w = self.weight.reshape([k, g, c_out_g] + kernel_shape).transpose(0, 1)
+        w = w.reshape([g * k * c_out_g] + kernel_shape).to(x.dtype)
+        b: Optional[torch.Tensor] = None
+        if self.bias is not None:
+            b = self.bias.reshape(k, g, c_out_g).transpose(0, 1).reshape(-1).to(x.dtype)
+        y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, g)
+        y = y.reshape(batch, g, k, c_out_g, y.shape[-2], y.shape[-1]).transpose(1, 2)
+        return y.reshape(batch, k, self.out_channels, y.shape[-2], y.shape[-1])
+
+    def routing(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``pi`` ``(B, K)`` computed the fused way (from mean patches)."""
+        out_hw = self.output_size(x)
+        weights = self.sampling_weights(x.shape[0], out_hw, x.device, positions, x.dtype)
+        return self.router(self.descriptors_fused(x, weights, out_hw))
+
+    def forward_attention(self, x: torch.Tensor) -> Tuple[
+            Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        return self.routing(x), None, None, None
+
+    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.check_input(x)
+        if self.mode == 'sum':
+            resp = self.responses(x)
+            batch, k, c_out, ho, wo = resp.shape
+            weights = self.sampling_weights(batch, (ho, wo), x.device, positions, x.dtype)
+            flat = resp.reshape(batch, k, c_out, ho * wo)
+            if weights is None:
+                desc = flat.mean(-1)
+            elif weights.dim() == 2:
+                desc = torch.einsum('bkol,kl->bko', flat, weights.to(flat.dtype))
+            else:
+                desc = torch.einsum('bkol,bkl->bko', flat, weights.to(flat.dtype))
+            pi = self.router(desc)
+            y = torch.einsum('bk,bkohw->bohw', pi.to(resp.dtype), resp)
+            if self.post_bias is not None:
+                y = y + self.post_bias.to(y.dtype).reshape(1, -1, 1, 1)
+            return y
+        pi = self.routing(x, positions)
+        return dynamic_conv2d(
+            x, self.weight, self.bias, pi, None, None, None,
+            self.stride, self.padding, self.dilation, self.groups, self.effective_strategy(),
+            post_bias=self.post_bias,
+        )
+
+    @torch.no_grad()
+    def fuse_bn(self, bn: nn.BatchNorm2d) -> None:
+        """Fold a following eval-mode BatchNorm (``y -> s y + t``) into the bank, keeping the routing exact.
+
+        Scaling ``W_i`` (and ``b_i``) by ``s`` scales every response ``F_i`` per channel, so the router weight is
+        divided by ``s``: ``(w / s) . (s p_i) = w . p_i``. The shift ``t`` becomes ``post_bias``, added after the
+        mix; it would add ``w . t`` to every logit alike, which the softmax ignores. Refuses ``s == 0`` (a zero BN
+        gamma), which no router weight can compensate.
+        """
+        std = (bn.running_var + bn.eps).sqrt()
+        scale = bn.weight / std if bn.affine else 1.0 / std
+        if bool((scale == 0).any()):
+            raise ValueError('cannot fold a BatchNorm with a zero scale (gamma == 0) into A2D2CConv2d: the routing '
+                             'reads the per-channel responses and could not be compensated')
+        super().fuse_bn(bn)
+        self.router.weight.div_(scale.reshape(1, -1).to(self.router.weight.dtype))
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f', num_points={self.num_points}, mode={self.mode!r}'
+        if self.sample_per != 'batch':
+            s += f', sample_per={self.sample_per!r}'
+        if self.eval_sampling != 'mean':
+            s += f', eval_sampling={self.eval_sampling!r}'
+        return s

@@ -1,0 +1,157 @@
+"""ATConv: Attentive Convolution (Yu et al., "Attentive Convolution: Unifying the Expressivity of Self-Attention
+with Convolutional Efficiency", arXiv:2510.20092).
+
+A token mixer ``Out = W_out (alpha(X) * W_value X)``: a depthwise ``K x K`` convolution whose kernel is made per
+sample and per channel from the global context and is the same at every position (paper Alg. 1):
+
+* Context-to-Kernel translation, Eq. (7): ``F = Conv1x1(X)``, ``Z = Pool_{K^2}(F)``, ``K = W_gen GELU(Z)`` with one
+  ``K^2 -> K^2`` generator shared by all channels (``kernel_proj``, ``kernel_gen``);
+* Differential Kernel Modulation (lateral inhibition), Eq. (8): ``alpha = K - sigmoid(gamma_c) mean_uv(K)``
+  (``difference_control`` = gamma, zero-initialised so lambda = 0.5);
+* value projection, Eq. (10) (``x_proj``), the dynamic depthwise conv, Eq. (11) (cross-correlation, zero padding
+  ``K // 2``, stride 1, no kernel flip), and the output projection ``W_out`` (``proj``).
+
+Decisions the paper leaves open (spec §1, §6):
+
+* ``pool_mode='1d'`` (default) is the authors' code: ``F`` is flattened row-major to ``(B, C, H*W)`` and
+  ``AdaptiveAvgPool1d(K^2)`` averages 9 horizontal bands, *not* a 3x3 grid. Their weights need it.
+  ``pool_mode='2d'`` is the paper's text (``AdaAvgPool_{KxK}``, then row-major ``Vec``). Same parameters.
+* Tap order ``t = u * K + v`` (row offset ``u``, column offset ``v``), as the code reshapes.
+* GELU is exact (erf); no softmax, no kernel normalisation beyond DKM, no heads or groups.
+* Parameters ``3C^2 + 4C + K^4 + K^2`` (three biased 1x1 convs, the generator, gamma).
+
+Execution: the per-sample depthwise conv runs through the core's
+:func:`dynzoo.layers.dynamic.per_sample_depthwise_conv2d` (strategies ``grouped`` / ``shift`` / ``unfold`` /
+``loop``, ``auto`` dispatches by shape, batch and grad mode; ratios measured by ``scripts/bench_atconv.py`` are in
+that function's dispatcher docstring and ``docs/attnet.md``).
+
+Inference form (:meth:`ATConv2d.reparameterize`): pooling and a 1x1 conv are both linear, so
+``Pool(W F + b) = W Pool(X) + b`` exactly; the fused form pools ``X`` first and applies ``kernel_proj`` to the
+``(B, C, K^2)`` context, cutting that branch from ``C^2 H W`` to ``C^2 K^2`` MACs (spec §1.6.4). It is off in the
+training form, whose FLOPs are the paper's.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import register_notrace_module, trunc_normal_
+
+from .dynamic import DEPTHWISE_STRATEGIES, per_sample_depthwise_conv2d
+
+__all__ = ['ATConv2d', 'ATCONV_POOL_MODES', 'atconv_num_params']
+
+ATCONV_POOL_MODES = ('1d', '2d')
+
+
+def atconv_num_params(dim: int, kernel_size: int = 3, bias: bool = True) -> int:
+    """Closed-form parameter count of one :class:`ATConv2d` (spec §1.2): ``3C^2 + 4C + K^4 + K^2`` with biases."""
+    k2 = kernel_size * kernel_size
+    return 3 * dim * dim + (3 * dim if bias else 0) + dim + k2 * k2 + k2
+
+
+@register_notrace_module
+class ATConv2d(nn.Module):
+    """Attentive convolution over ``(B, C, H, W)`` feature maps (paper Alg. 1; spec §1.3).
+
+    Args:
+        dim: channels ``C`` (input = output).
+        kernel_size: ``K`` (odd; paper: 3 everywhere, 5 / 7 in the Tab. IX(a) ablation).
+        pool_mode: ``'1d'`` authors' band pooling (default, needed by their weights) or ``'2d'`` paper's grid.
+        bias: biases of the three 1x1 convs (the generator always has one, as in the authors' code).
+        strategy: per-sample depthwise execution strategy (``'auto'``, ``'grouped'``, ``'shift'``, ``'unfold'``,
+            ``'loop'``).
+        context_first: pool ``X`` before ``kernel_proj`` (exact rewrite; what :meth:`reparameterize` switches on).
+    """
+    context_first: bool
+
+    def __init__(
+            self,
+            dim: int,
+            kernel_size: int = 3,
+            pool_mode: str = '1d',
+            bias: bool = True,
+            strategy: str = 'auto',
+            context_first: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f'ATConv2d needs dim >= 1, got {dim}')
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f'ATConv2d needs an odd kernel_size >= 1 (zero padding K // 2 keeps H, W), got {kernel_size}')
+        if pool_mode not in ATCONV_POOL_MODES:
+            raise ValueError(f'Unknown ATConv pool_mode {pool_mode!r}; expected one of {ATCONV_POOL_MODES}')
+        if strategy not in DEPTHWISE_STRATEGIES:
+            raise ValueError(f'Unknown depthwise strategy {strategy!r}; expected one of {DEPTHWISE_STRATEGIES}')
+        dd = {'device': device, 'dtype': dtype}
+        self.dim = dim
+        self.kernel_size = kernel_size
+        self.pool_mode = pool_mode
+        self.strategy = strategy
+        self.context_first = context_first
+        k2 = kernel_size * kernel_size
+        self.kernel_proj = nn.Conv2d(dim, dim, 1, bias=bias, **dd)  # C2K Conv1x1, Eq. (7)
+        self.kernel_gen = nn.Linear(k2, k2, **dd)  # W_gen, shared by all channels
+        self.x_proj = nn.Conv2d(dim, dim, 1, bias=bias, **dd)  # W_value, Eq. (10)
+        self.proj = nn.Conv2d(dim, dim, 1, bias=bias, **dd)  # W_out
+        self.difference_control = nn.Parameter(torch.empty(dim, **dd))  # gamma of DKM, Eq. (8)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Authors' init: trunc-normal(0.02) weights, zero biases, gamma = 0 (lambda = 0.5)."""
+        for m in (self.kernel_proj, self.kernel_gen, self.x_proj, self.proj):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.difference_control)
+
+    def _pool(self, f: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, C, K^2)``: 9 row-major bands ('1d') or a ``K x K`` grid, flattened ('2d')."""
+        k2 = self.kernel_size * self.kernel_size
+        if self.pool_mode == '1d':
+            return F.adaptive_avg_pool1d(f.flatten(2), k2)
+        return F.adaptive_avg_pool2d(f, self.kernel_size).flatten(2)
+
+    def forward_context(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled context ``Z = Pool_{K^2}(Conv1x1(X))`` ``(B, C, K^2)``, Eq. (7)."""
+        if self.context_first:
+            # kernel_proj applied to the pooled (B, C, K^2) map: exact by linearity
+            return F.conv1d(self._pool(x), self.kernel_proj.weight[:, :, :, 0], self.kernel_proj.bias)
+        return self._pool(self.kernel_proj(x))
+
+    def forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The modulated per-sample, per-channel kernel ``alpha`` ``(B, C, K, K)``, Eqs. (7)-(8)."""
+        batch = x.shape[0]
+        k = self.kernel_size
+        kernel = self.kernel_gen(F.gelu(self.forward_context(x)))  # (B, C, K^2), tap t = u * K + v
+        mean = kernel.mean(dim=2, keepdim=True)  # K-bar, (B, C, 1)
+        lam = torch.sigmoid(self.difference_control).view(1, -1, 1)
+        alpha = kernel - lam * mean
+        return alpha.reshape(batch, self.dim, k, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f'ATConv2d expects a 4-D input (B, C, H, W), got {x.dim()} dims')
+        if x.shape[1] != self.dim:
+            raise ValueError(f'ATConv2d expects {self.dim} input channels, got {x.shape[1]}')
+        alpha = self.forward_kernel(x)
+        value = self.x_proj(x)
+        pad = self.kernel_size // 2
+        y = per_sample_depthwise_conv2d(value, alpha, (pad, pad), self.strategy)  # Eq. (11)
+        return self.proj(y)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Switch to the pool-first inference form (exact; see the module docstring). Idempotent."""
+        self.context_first = True
+
+    def extra_repr(self) -> str:
+        s = f'{self.dim}, kernel_size={self.kernel_size}, pool_mode={self.pool_mode!r}'
+        if self.strategy != 'auto':
+            s += f', strategy={self.strategy!r}'
+        if self.context_first:
+            s += ', context_first=True'
+        return s

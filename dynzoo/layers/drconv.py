@@ -1,0 +1,294 @@
+"""Dynamic residual convolution (DMF: Yun & Ro, "Dynamic Mobile-Former", Eq. 2 and Fig. 3).
+
+Per sample ``n``, with the pooled input ``GAP(x_n)`` and a conditioning token ``z_n`` (DMF's first global token)::
+
+    pi_n   = sigmoid( net2( ReLU( BN( net1( [z_n ; GAP(x_n)] ) ) ) ) / T )        # (K,), Fig. 3 ("AFKA")
+    W_n    = W_agn + s * sum_k pi_nk W_k                                            # Eq. 2 ("RCKS")
+    y_n    = conv(x_n, W_n)
+
+* ``W_agn`` (``static_weight``) is the input-agnostic kernel, ``kaiming_uniform_`` initialised (the paper says
+  "random"; the authors' code uses PyTorch's default ``kaiming_uniform_``, i.e. bound ``sqrt(6 / fan_in)``).
+* ``W_k`` (``weight``, the core's kernel bank ``(K, C_out, C_in/g, kh, kw)``) are the input-dependent experts, zero
+  initialised (paper Table 7), so at init the layer is the plain conv ``W_agn``.
+* ``s = 0.1`` (``expert_scale``) is not in the paper; the authors' code scales the experts by 0.1 before mixing and
+  their checkpoints need it. It is applied to the attention (``s * pi`` multiplies the bank in the core's aggregation,
+  identical to scaling the bank up to float rounding) and folded into the bank by :meth:`reparameterize`.
+* The concatenation order is token first, then the pooled input (authors' code); the hidden width is the token
+  width (192 in DMF), not a reduction of ``C_in``; both 1x1 convs have no bias; sigmoid, not softmax (Table 6).
+* The temperature ``T`` (a :class:`~dynzoo.layers.heads.TemperatureMixin` buffer, role ``'kernel'``) divides the
+  logits before the sigmoid; DMF anneals it 30 -> 1 over the first 10 epochs (``dynzoo.linear_temperature``) and
+  runs inference at 1.
+* Batch size 1 in training: the attention's BatchNorm sees one value per channel (pooled ``(1, C, 1, 1)``), on
+  which batch statistics do not exist (the authors' code fails there). dynzoo's :class:`PooledBatchNorm2d`
+  normalises such a batch with its running statistics and leaves them untouched (``single_sample_bn='running'``,
+  default); ``'error'`` raises instead, naming the fix (batch >= 2, or SyncBatchNorm across devices).
+
+The execution (grouped per-sample kernels, dense-K mixing, ...) is the shared core's
+:func:`~dynzoo.layers.dynamic.dynamic_conv2d`; the agnostic kernel goes in as ``static_weight``.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import register_notrace_module, to_2tuple
+
+from .dynamic import DynamicConv2dBase, dynamic_conv2d
+from .heads import TemperatureMixin
+
+__all__ = ['PooledBatchNorm2d', 'DRKernelAttention', 'DynamicResidualConv2d']
+
+_SINGLE_SAMPLE_MODES = ('running', 'error')
+
+
+class PooledBatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` for pooled ``(B, C, 1, 1)`` vectors that can also train on a single sample.
+
+    In training with one value per channel (``B * H * W == 1``) it normalises with the running statistics and does
+    not update them (``single_sample='running'``), or raises a ``ValueError`` naming the fix (``'error'``).
+    Every other case is exactly ``nn.BatchNorm2d`` (same parameters, buffers and keys).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 single_sample: str = 'running', device=None, dtype=None):
+        if single_sample not in _SINGLE_SAMPLE_MODES:
+            raise ValueError(f'single_sample must be one of {_SINGLE_SAMPLE_MODES}, got {single_sample!r}')
+        super().__init__(num_features, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        self.single_sample_running = single_sample == 'running'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch_stats = self.training
+        if batch_stats and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            if not self.single_sample_running:
+                raise ValueError(
+                    'the kernel attention BatchNorm cannot compute batch statistics from a single sample in '
+                    'training mode: train with a per-device batch >= 2, convert it to SyncBatchNorm, or build the '
+                    "model with single_sample_bn='running' (normalise single samples with the running statistics)")
+            batch_stats = False
+        momentum = 0.0
+        if batch_stats:
+            num_batches_tracked = self.num_batches_tracked
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+            else:
+                momentum = float(self.momentum)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, batch_stats, momentum, self.eps)
+
+
+@register_notrace_module
+class DRKernelAttention(nn.Module, TemperatureMixin):
+    """DMF kernel attention (Fig. 3): ``pi = gate(net2(ReLU(BN(net1([z ; GAP x])))) / T)`` -> ``(B, K)``.
+
+    ``token_dim=0`` drops the token input (the paper's "AFKA off" ablation, Table 3); its hidden width is then not
+    given by the paper: ``hidden_channels`` must be set (30 reproduces Table 3, spec §9 A8).
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            num_kernels: int = 8,
+            token_dim: int = 192,
+            hidden_channels: Optional[int] = None,
+            temperature: float = 1.0,
+            gate: str = 'sigmoid',
+            single_sample_bn: str = 'running',
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if gate not in ('sigmoid', 'softmax'):
+            raise ValueError(f"gate must be 'sigmoid' or 'softmax', got {gate!r}")
+        if token_dim < 0:
+            raise ValueError(f'token_dim must be >= 0, got {token_dim}')
+        if hidden_channels is None:
+            if token_dim == 0:
+                raise ValueError('hidden_channels is required when token_dim=0 (no token to set the hidden width)')
+            hidden_channels = token_dim
+        self.in_channels = in_channels
+        self.token_dim = token_dim
+        self.num_kernels = num_kernels
+        self.softmax_gate = gate == 'softmax'
+        self._init_temperature(temperature, 'kernel', device=device)
+        self.net1 = nn.Conv2d(token_dim + in_channels, hidden_channels, 1, bias=False, **dd)
+        self.bn = PooledBatchNorm2d(hidden_channels, single_sample=single_sample_bn, **dd)
+        self.net2 = nn.Conv2d(hidden_channels, num_kernels, 1, bias=False, **dd)
+        self.reparameterized = False
+        for m in (self.net1, self.net2):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+
+    def forward(self, pooled: torch.Tensor, token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``pooled`` ``(B, C_in, 1, 1)``, ``token`` ``(B, token_dim)`` -> attention ``(B, K)`` in ``[0, 1]``."""
+        batch = pooled.shape[0]
+        if self.token_dim > 0:
+            if token is None:
+                raise ValueError('this kernel attention is conditioned on a token (B, token_dim); none was given')
+            if not torch.jit.is_scripting():
+                self._check_token_eager(token, batch)
+            a = torch.cat([token.reshape(batch, self.token_dim, 1, 1).to(pooled.dtype), pooled], dim=1)
+        else:
+            a = pooled
+        h = F.relu(self.bn(self.net1(a)))
+        logits = self.net2(h).flatten(1) / self.temperature
+        if self.softmax_gate:
+            return torch.softmax(logits, dim=1)
+        return torch.sigmoid(logits)
+
+    @torch.jit.unused
+    def _check_token_eager(self, token: torch.Tensor, batch: int) -> None:
+        if token.dim() != 2 or token.shape[0] != batch or token.shape[1] != self.token_dim:
+            raise ValueError(f'token must have shape ({batch}, {self.token_dim}), got {tuple(token.shape)}')
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the eval-mode BatchNorm into ``net1`` (which gains a bias); exact."""
+        if self.reparameterized:
+            return
+        bn = self.bn
+        assert isinstance(bn, nn.BatchNorm2d)
+        scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+        fused = nn.Conv2d(self.net1.in_channels, self.net1.out_channels, 1, bias=True,
+                          device=self.net1.weight.device, dtype=self.net1.weight.dtype)
+        fused.weight.copy_(self.net1.weight * scale.reshape(-1, 1, 1, 1))
+        fused.bias.copy_(bn.bias - bn.running_mean * scale)
+        self.net1 = fused
+        self.bn = nn.Identity()
+        self.reparameterized = True
+
+
+@register_notrace_module
+class DynamicResidualConv2d(DynamicConv2dBase):
+    """DMF's dynamic residual convolution ("DYR-conv": DYN-gconv, DYN-dwconv, DYR-1x1conv), ``forward(x, token)``.
+
+    Geometry follows ``nn.Conv2d`` (``padding=None`` means ``dilation * (k - 1) // 2``); grouped (``groups=g``),
+    depthwise (``groups = C_in = C_out``, see :meth:`depthwise`) and point-wise (``kernel_size=1``, see
+    :meth:`pointwise`) forms. No bias (DMF's convs have none). Args beyond ``nn.Conv2d``:
+
+    * ``num_kernels`` K experts (DMF: 8), ``token_dim`` width of the conditioning token (DMF: 192; 0 disables it),
+      ``attn_hidden`` hidden width of the attention (default ``token_dim``);
+    * ``expert_scale`` the authors' fixed 0.1 on the expert sum; ``agnostic_kernel=False`` drops ``W_agn`` and
+      initialises the experts like DynamicConv instead of with zeros (the paper's "RCKS off", Table 3);
+    * ``temperature`` (1 = inference), ``gate`` ``'sigmoid'`` (paper) or ``'softmax'`` (Table 6 ablation),
+      ``single_sample_bn`` see :class:`PooledBatchNorm2d`, ``strategy`` the core's execution strategy.
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size,
+            stride=1,
+            padding=None,
+            dilation=1,
+            groups: int = 1,
+            num_kernels: int = 8,
+            token_dim: int = 192,
+            attn_hidden: Optional[int] = None,
+            expert_scale: float = 0.1,
+            agnostic_kernel: bool = True,
+            temperature: float = 1.0,
+            gate: str = 'sigmoid',
+            single_sample_bn: str = 'running',
+            strategy: str = 'auto',
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        if padding is None:
+            k = to_2tuple(kernel_size)
+            d = to_2tuple(dilation)
+            padding = (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
+        self.agnostic_kernel = agnostic_kernel
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, False, num_kernels,
+            strategy, device=device, dtype=dtype)
+        if agnostic_kernel:
+            self.static_weight = nn.Parameter(torch.empty(self.weight.shape[1:], **dd))
+        else:
+            self.register_parameter('static_weight', None)
+        self.expert_scale = float(expert_scale)
+        self.kernel_attention = DRKernelAttention(
+            in_channels, num_kernels, token_dim, attn_hidden, temperature, gate, single_sample_bn, **dd)
+        self.reparameterized = False
+        self.reset_bank_parameters()
+
+    @classmethod
+    def pointwise(cls, in_channels: int, out_channels: int, groups: int = 1, **kwargs) -> 'DynamicResidualConv2d':
+        """The (grouped) 1x1 form: DMF's DYR-1x1conv / DYN-gconv."""
+        return cls(in_channels, out_channels, 1, groups=groups, **kwargs)
+
+    @classmethod
+    def depthwise(cls, channels: int, kernel_size=3, **kwargs) -> 'DynamicResidualConv2d':
+        """The depthwise form (``groups = C_in = C_out``): DMF's DYN-dwconv."""
+        return cls(channels, channels, kernel_size, groups=channels, **kwargs)
+
+    def reset_bank_parameters(self) -> None:
+        """Experts zero (paper Table 7) and ``W_agn`` ``kaiming_uniform_``; without ``W_agn`` the DynamicConv init."""
+        if not getattr(self, 'agnostic_kernel', True):
+            super().reset_bank_parameters()
+            return
+        nn.init.zeros_(self.weight)
+        static = getattr(self, 'static_weight', None)
+        if static is not None:
+            nn.init.kaiming_uniform_(static)
+
+    def forward_attention(self, x: torch.Tensor, token: Optional[torch.Tensor] = None) -> Tuple[
+            Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(s * pi (B, K), None, None, None)`` in the core's attention order; ``s`` is the expert scale."""
+        pooled = x.mean((2, 3), keepdim=True)
+        pi = self.kernel_attention(pooled, token)
+        if self.expert_scale != 1.0:
+            pi = pi * self.expert_scale
+        return pi, None, None, None
+
+    def forward(self, x: torch.Tensor, token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.check_input(x)
+        kernel_attn, _, _, _ = self.forward_attention(x, token)
+        return dynamic_conv2d(
+            x, self.weight, None, kernel_attn, None, None, None,
+            self.stride, self.padding, self.dilation, self.groups, self.effective_strategy(),
+            static_weight=self.static_weight, post_bias=self.post_bias,
+        )
+
+    @torch.no_grad()
+    def set_temperature(self, temperature: float) -> None:
+        self.kernel_attention.set_temperature(temperature)
+
+    @torch.no_grad()
+    def fuse_bn(self, bn: nn.BatchNorm2d) -> None:
+        """Fold a following eval-mode BatchNorm: the experts (core) and ``W_agn`` scale per output channel (exact)."""
+        if self.static_weight is not None:
+            if bn.num_features != self.out_channels:
+                raise ValueError(f'BatchNorm has {bn.num_features} features, layer has {self.out_channels} outputs')
+            scale = 1.0 / (bn.running_var + bn.eps).sqrt()
+            if bn.affine:
+                scale = scale * bn.weight
+            self.static_weight.mul_(scale.reshape(-1, 1, 1, 1))
+        super().fuse_bn(bn)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Inference form: attention BN folded into ``net1`` and the expert scale folded into the bank (exact).
+
+        ``W_agn + s * sum_k pi_k W_k`` cannot become one static kernel (the mixture depends on the input); the
+        per-sample kernel stays dynamic. A following BatchNorm folds with :meth:`fuse_bn`.
+        """
+        if self.reparameterized:
+            return
+        self.kernel_attention.reparameterize()
+        if self.expert_scale != 1.0:
+            self.weight.mul_(self.expert_scale)
+            self.expert_scale = 1.0
+        self.reparameterized = True
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.static_weight is None:
+            s += ', agnostic_kernel=False'
+        if self.expert_scale != 1.0:
+            s += f', expert_scale={self.expert_scale}'
+        return s

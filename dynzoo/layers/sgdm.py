@@ -1,0 +1,417 @@
+"""SGDM and RDConv: the Static-Guided Dynamic Module with Razor Dynamic Convolution.
+
+Paper: W. Xing, Z. Cui, J. Qi, "SGDM: Static-Guided Dynamic Module Make Stronger Visual Models". No code was
+published; every choice the paper leaves open is named below and in each docstring as ``[PROPOSED]`` (the
+numbering ``S1..S15`` is the one of the dynzoo spec, ``specs/sgdm.md`` §9).
+
+Building blocks, from small to large:
+
+* :func:`razor_split` -- the Razor Operation (Eq. 6-7): only the leading ``c_i = int(r_z * c)`` "intrinsic"
+  channels get dynamic processing; the rest pass through (Eq. 7's ``(1 - r) X``, the "cheap operation").
+* :func:`strip_to_square` (the paper's ``psi``) and :func:`static_guide` (Eq. 10's ``psi(W_h) + psi(W_w)``).
+* :class:`GuidedDynamicConv2d` -- a CondConv-routed dynamic conv on the shared core whose experts are multiplied
+  element-wise by an optional static guide ``S`` (Eq. 2, 5, 10): ``W(x) = (sum_k alpha_k(x) D_k) (.) S``.
+* :class:`StripSpatialAttention` -- RDConv's spatial branch (H-GAP -> H-Conv, W-GAP -> W-Conv, sigmoid, product).
+* :class:`RDConv2d` -- razor + guided dynamic conv + BN + spatial branch (§3.3).
+* :class:`StaticStripConv` -- the asymmetric static ``k_s x 1`` / ``1 x k_s`` conv + BN (Eq. 8).
+* :class:`SGDM` -- the module: a 4-way channel split ``[r, r, r, 1 - 3r]`` into RDConv, the two static strips and
+  an identity, concatenated (Eq. 8-9), with the strips' kernels guiding RDConv's experts (Eq. 10).
+
+Decisions where the paper is silent (spec §9):
+
+* S1 -- the paper calls two different strip lengths ``k_s``: the static strips (9, so they reshape to 3x3) are
+  ``static_kernel``; the spatial-branch strips (15, Table 7) are ``spatial_kernel``.
+* S2 -- the razor is a channel slice (first ``c_i`` channels); the dynamic conv maps ``c_i -> c_i``; the other
+  channels are copied (no GhostNet-style cheap conv: Eq. 7 has none).
+* S3 -- Eq. 10 multiplies a ``c_i x c_i`` dynamic kernel with ``c x c`` static kernels: the guide is built from
+  the leading ``c_i x c_i`` sub-block of each static kernel (the paper's "directly mapped" remark, §4.4).
+* S4 -- Eq. 10's ``*`` is the Hadamard ("dot") product; ``psi`` is a row-major reshape of 9 taps into 3x3.
+* S5 -- kernel attention ``alpha = sigmoid(Linear(GAP(X_int)))`` (CondConv routing, Eq. 5's sigmoid; no softmax,
+  no temperature); a BN after the dynamic conv and after each static strip; no activation anywhere in SGDM; dense
+  static strips; depthwise spatial strips on ``X_int``; PyTorch-default (kaiming-uniform, a = sqrt 5) init.
+* S7 -- Eq. 9 writes ``Cat(X'_rd, X'_h, X'_h, X'_id)``: read as ``X'_w`` in the third slot.
+* The guide is recomputed from the live static weights at every training forward, without ``detach``: the
+  static strips get gradients from their own branch and through RDConv.
+* No residual around the module and no final norm/activation.
+
+Reparameterization (spec §2, MobileOne/RepVGG style, in place, so ``timm.utils.reparameterize_model`` works):
+the guide is computed from the *raw* static kernels and multiplied into the experts (``D~_k = D_k (.) S``), the
+dynamic conv's BN is folded into the experts (``DynamicConv2dBase.fuse_bn``), and each static strip's BN is folded
+into its strip kernel + bias. The ACNet "1xk + kx1 -> kxk" merge does not apply: the two strips act on disjoint
+channel groups and are concatenated, not summed onto a common kernel (merging them into one block-diagonal
+9x9 conv would multiply their FLOPs by ~9), so each strip keeps its own folded kernel.
+"""
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import register_notrace_module, to_2tuple
+
+from .dynamic import DynamicConv2dBase, dynamic_conv2d
+from .heads import RoutingAttention
+
+__all__ = [
+    'razor_split', 'intrinsic_channels', 'strip_to_square', 'static_guide', 'GuidedDynamicConv2d',
+    'StripSpatialAttention', 'RDConv2d', 'StaticStripConv', 'SGDM', 'sgdm_num_params',
+]
+
+
+def intrinsic_channels(channels: int, razor_ratio: float) -> int:
+    """``c_i = int(r_z * c)``: the channels the razor keeps for dynamic processing (Eq. 7)."""
+    if not 0.0 < razor_ratio <= 1.0:
+        raise ValueError(f'razor_ratio must be in (0, 1], got {razor_ratio}')
+    c_i = int(razor_ratio * channels)
+    if c_i < 1:
+        raise ValueError(
+            f'razor_ratio={razor_ratio} leaves no intrinsic channel out of {channels} (need int(r * c) >= 1)')
+    return c_i
+
+
+def razor_split(x: torch.Tensor, num_intrinsic: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Razor Operation (Eq. 6-7): ``(X_int, X_rest) = (X[:, :c_i], X[:, c_i:])``.
+
+    [PROPOSED, S2] The paper's channel compression ``delta`` "that prioritises intrinsic features" is realised as a
+    parameter-free slice (PConv/FasterNet-style); Eq. 7's ``r (sum alpha D) X + (1 - r) X`` is read as a channel
+    split (Table 6's params grow ~quadratically with r, which a scalar blend would not do).
+    """
+    if num_intrinsic < 1 or num_intrinsic > x.shape[1]:
+        raise ValueError(f'num_intrinsic must be in [1, {x.shape[1]}], got {num_intrinsic}')
+    return x[:, :num_intrinsic], x[:, num_intrinsic:]
+
+
+def strip_to_square(weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The paper's ``psi`` (Eq. 10): reshape a ``(O, I, k*k, 1)`` or ``(O, I, 1, k*k)`` strip kernel to ``(O, I, k, k)``.
+
+    [PROPOSED, S4] Row-major: tap ``t`` goes to ``(t // k, t % k)``.
+    """
+    if weight.dim() != 4 or weight.shape[2] * weight.shape[3] != kernel_size * kernel_size \
+            or min(weight.shape[2], weight.shape[3]) != 1:
+        raise ValueError(
+            f'psi needs a strip kernel of {kernel_size * kernel_size} taps (k_s = k_d^2), got shape {weight.shape}')
+    return weight.reshape(weight.shape[0], weight.shape[1], kernel_size, kernel_size)
+
+
+def static_guide(weight_h: torch.Tensor, weight_w: torch.Tensor, num_channels: int, kernel_size: int) -> torch.Tensor:
+    """Eq. 10's guide ``S = psi(W_h) + psi(W_w)`` on the leading ``c_i x c_i`` sub-blocks -> ``(c_i, c_i, k, k)``.
+
+    [PROPOSED, S3] The static kernels are ``c x c``, the dynamic kernel ``c_i x c_i``: the leading sub-block is used.
+    """
+    return (strip_to_square(weight_h[:num_channels, :num_channels], kernel_size)
+            + strip_to_square(weight_w[:num_channels, :num_channels], kernel_size))
+
+
+@register_notrace_module
+class GuidedDynamicConv2d(DynamicConv2dBase):
+    """Dynamic conv whose experts are modulated by a static guide (Eq. 2, 5, 10) on the shared core.
+
+    ``y = conv(x, (sum_k alpha_k(x) D_k) (.) S)`` with ``alpha = sigmoid(FC(GAP x))`` ([PROPOSED, S5]: CondConv
+    routing, the paper's Eq. 5 only says "sigmoid of a sub-network"). Because the Hadamard product distributes over
+    the mixture, ``(sum_k alpha_k D_k) (.) S = sum_k alpha_k (D_k (.) S)``: the guide multiplies the ``K`` experts
+    (``K * numel(S)`` products, batch-independent) and the core aggregates/convolves as usual, so every execution
+    strategy of :func:`dynzoo.layers.dynamic.dynamic_conv2d` applies. ``guide`` is ``(C_out, C_in/groups, kh, kw)``.
+    Full ``nn.Conv2d`` geometry (stride, padding, dilation, groups); init [PROPOSED]: kaiming-uniform (a = sqrt 5)
+    per expert, the PyTorch ``Conv2d`` default, as timm's CondConv2d.
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size,
+            stride=1,
+            padding=0,
+            dilation=1,
+            groups: int = 1,
+            bias: bool = False,
+            num_kernels: int = 4,
+            strategy: str = 'auto',
+            device=None,
+            dtype=None,
+    ):
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_kernels,
+            strategy, device=device, dtype=dtype)
+        self.routing = RoutingAttention(in_channels, num_kernels, device=device, dtype=dtype)
+
+    def reset_bank_parameters(self) -> None:
+        """PyTorch ``Conv2d`` init per expert: ``kaiming_uniform_(a=sqrt(5))``, biases ``U(-1/sqrt(fan_in), ..)``."""
+        fan_in = self.weight.shape[2] * self.weight.shape[3] * self.weight.shape[4]
+        for k in range(self.num_kernels):
+            nn.init.kaiming_uniform_(self.weight.data[k], a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward_attention(self, x: torch.Tensor) -> Tuple[
+            Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        return self.routing(F.adaptive_avg_pool2d(x, 1)), None, None, None
+
+    def check_guide(self, guide: torch.Tensor) -> None:
+        if guide.shape != self.weight.shape[1:]:
+            raise ValueError(f'guide must have shape (C_out, C_in/groups, kh, kw) = {self.weight.shape[1:]}, '
+                             f'got {guide.shape}')
+
+    def forward(self, x: torch.Tensor, guide: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f'GuidedDynamicConv2d expects (B, {self.in_channels}, H, W), got shape {x.shape}')
+        kernel_attn, _, _, _ = self.forward_attention(x)
+        weight = self.weight
+        if guide is not None:
+            self.check_guide(guide)
+            weight = weight * guide.to(weight.dtype).unsqueeze(0)
+        return dynamic_conv2d(
+            x, weight, self.bias, kernel_attn, None, None, None,
+            self.stride, self.padding, self.dilation, self.groups, self.effective_strategy(),
+            post_bias=self.post_bias,
+        )
+
+    @torch.no_grad()
+    def fold_guide(self, guide: torch.Tensor) -> None:
+        """Store ``D~_k = D_k (.) S`` (exact, spec §2); the layer must then be called without a guide."""
+        self.check_guide(guide)
+        self.weight.mul_(guide.to(self.weight.dtype).unsqueeze(0))
+
+
+@register_notrace_module
+class StripSpatialAttention(nn.Module):
+    """RDConv's spatial branch (Fig. 2a): ``A = sigmoid(H-Conv(H-GAP x)) (.) sigmoid(W-Conv(W-GAP x))``.
+
+    * H-GAP: mean over height -> ``(B, C, 1, W)``; H-Conv: depthwise ``1 x k`` (pad ``(0, k//2)``, bias).
+    * W-GAP: mean over width -> ``(B, C, H, 1)``; W-Conv: depthwise ``k x 1`` (pad ``(k//2, 0)``, bias).
+    * ``A`` broadcasts to ``(B, C, H, W)``.
+
+    The components and the 1x15 / 15x1 sizes are the paper's (§3.3, Table 7); [PROPOSED, S5] the wiring, the
+    depthwise groups and the sigmoid on each strip (the paper only says the branch output "is also a weight").
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 15, device=None, dtype=None):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f'spatial_kernel must be a positive odd integer, got {kernel_size}')
+        dd = {'device': device, 'dtype': dtype}
+        self.channels = channels
+        self.conv_h = nn.Conv2d(channels, channels, (1, kernel_size), padding=(0, kernel_size // 2),
+                                groups=channels, bias=True, **dd)
+        self.conv_w = nn.Conv2d(channels, channels, (kernel_size, 1), padding=(kernel_size // 2, 0),
+                                groups=channels, bias=True, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn_h = torch.sigmoid(self.conv_h(x.mean(dim=2, keepdim=True)))  # (B, C, 1, W)
+        attn_w = torch.sigmoid(self.conv_w(x.mean(dim=3, keepdim=True)))  # (B, C, H, 1)
+        return attn_h * attn_w
+
+
+@register_notrace_module
+class RDConv2d(nn.Module):
+    """Razor Dynamic Convolution (§3.3): ``RDConv(X) = Cat(BN(DConv(X_int; S)) (.) A(X_int), X_rest)``.
+
+    1. Razor (Eq. 6-7): ``X_int = X[:, :c_i]``, ``X_rest = X[:, c_i:]``, ``c_i = int(razor_ratio * c)``.
+    2. Dynamic conv (Eq. 2, 5) ``c_i -> c_i``, ``k x k``, ``K`` experts, sigmoid routing from ``GAP(X_int)``, with the
+       optional static guide ``S`` of Eq. 10 multiplying the aggregated kernel.
+    3. [PROPOSED] BN on the ``c_i`` outputs: the Hadamard product of two kaiming-scale tensors makes the raw output
+       tiny. The BN sits before the spatial product, so it folds exactly into the experts.
+    4. Spatial branch :class:`StripSpatialAttention` on ``X_int``, multiplied into the conv output.
+
+    Channel-preserving, stride 1 only (the paper's only form, ``rc_in -> rc_in``); ``dilation`` keeps the shape
+    (padding ``dilation * (k // 2)``). ``forward(x, guide=None)``; ``reparameterize()`` folds the BN.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            kernel_size: int = 3,
+            razor_ratio: float = 0.5,
+            num_kernels: int = 4,
+            spatial_kernel: int = 15,
+            dilation: int = 1,
+            strategy: str = 'auto',
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f'channels must be >= 1, got {channels}')
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f'kernel_size must be a positive odd integer (shape-preserving), got {kernel_size}')
+        dd = {'device': device, 'dtype': dtype}
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.num_intrinsic = intrinsic_channels(channels, razor_ratio)
+        self.dynamic = GuidedDynamicConv2d(
+            self.num_intrinsic, self.num_intrinsic, kernel_size, padding=dilation * (kernel_size // 2),
+            dilation=dilation, num_kernels=num_kernels, strategy=strategy, **dd)
+        self.bn = nn.BatchNorm2d(self.num_intrinsic, **dd)
+        self.spatial = StripSpatialAttention(self.num_intrinsic, spatial_kernel, **dd)
+
+    def forward(self, x: torch.Tensor, guide: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f'RDConv2d expects (B, {self.channels}, H, W), got shape {x.shape}')
+        x_int, x_rest = razor_split(x, self.num_intrinsic)
+        y = self.bn(self.dynamic(x_int, guide))
+        y = y * self.spatial(x_int)
+        return torch.cat([y, x_rest], dim=1)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the BN into the experts: ``D^_k = s (.) D_k``, shift ``t`` as the core's ``post_bias`` (exact).
+
+        Idempotent. The fold commutes with the guide (both scale per output channel / element-wise).
+        """
+        if isinstance(self.bn, nn.BatchNorm2d):
+            self.dynamic.fuse_bn(self.bn)
+            self.bn = nn.Identity()
+
+    def extra_repr(self) -> str:
+        return f'{self.channels}, intrinsic={self.num_intrinsic}, kernel_size={self.kernel_size}'
+
+
+@register_notrace_module
+class StaticStripConv(nn.Module):
+    """Asymmetric static conv of Eq. 8: ``BN(Conv_{k_s x 1}(X))`` or ``BN(Conv_{1 x k_s}(X))``, ``c -> c``.
+
+    [PROPOSED, S5] Dense (groups=1, which reproduces the paper's parameter deltas), no bias, BN, no activation.
+    "Shared weights" in the paper is the ordinary weight sharing of a static conv, not tying between the two strips.
+    ``reparameterize()`` folds the BN into the strip kernel and a bias (same ``k_s x 1`` / ``1 x k_s`` shape).
+    """
+
+    def __init__(self, channels: int, kernel_size: Tuple[int, int], device=None, dtype=None):
+        super().__init__()
+        kernel_size = to_2tuple(kernel_size)
+        if min(kernel_size) != 1 or max(kernel_size) % 2 == 0:
+            raise ValueError(f'a strip kernel is (k, 1) or (1, k) with odd k, got {kernel_size}')
+        dd = {'device': device, 'dtype': dtype}
+        self.channels = channels
+        self.conv = nn.Conv2d(channels, channels, kernel_size, padding=(kernel_size[0] // 2, kernel_size[1] // 2),
+                              bias=False, **dd)
+        self.bn = nn.BatchNorm2d(channels, **dd)
+        self.fused = False  # True once reparameterize() folded the BN
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """``W' = W s``, ``b' = beta - mu s`` with ``s = gamma / sqrt(var + eps)`` (exact in eval). Idempotent."""
+        if self.fused:
+            return
+        bn = self.bn
+        std = (bn.running_var + bn.eps).sqrt()
+        scale = bn.weight / std
+        conv = self.conv
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, bias=True,
+                          device=conv.weight.device, dtype=conv.weight.dtype)
+        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+        fused.bias.copy_(bn.bias - bn.running_mean * scale)
+        self.conv = fused
+        self.bn = nn.Identity()
+        self.fused = True
+
+
+def sgdm_num_params(
+        channels: int,
+        split_ratio: float = 0.25,
+        razor_ratio: float = 0.5,
+        num_kernels: int = 4,
+        kernel_size: int = 3,
+        static_kernel: int = 9,
+        spatial_kernel: int = 15,
+) -> int:
+    """The spec's closed form ``P(C)`` (§1.5) of an :class:`SGDM`'s parameters (training form)."""
+    c = int(split_ratio * channels)
+    c_i = int(razor_ratio * c)
+    return (2 * (static_kernel * c * c + 2 * c)                    # two dense strips + their BNs
+            + num_kernels * kernel_size ** 2 * c_i * c_i             # experts
+            + c_i * num_kernels + num_kernels                        # routing FC
+            + 2 * c_i                                                # dynamic-conv BN
+            + 2 * (spatial_kernel * c_i + c_i))                      # depthwise H/W strips with bias
+
+
+@register_notrace_module
+class SGDM(nn.Module):
+    """Static-Guided Dynamic Module (§3.4, Eq. 8-10): a channel-preserving, plug-and-play layer.
+
+    ``X_rd, X_h, X_w, X_id = split(X, [c, c, c, C - 3c])`` with ``c = int(split_ratio * C)``;
+    ``X'_rd = RDConv(X_rd; S)``, ``X'_h = BN(Conv_{k_s x 1} X_h)``, ``X'_w = BN(Conv_{1 x k_s} X_w)``, ``X'_id = X_id``;
+    ``SGDM(X) = Cat(X'_rd, X'_h, X'_w, X'_id)`` (Eq. 9, its second ``X'_h`` read as ``X'_w``: S7), where the guide
+    ``S = psi(W_h[:c_i, :c_i]) + psi(W_w[:c_i, :c_i])`` multiplies RDConv's dynamic kernel (Eq. 10; S3, S4).
+
+    Defaults are the paper's: ``split_ratio`` 0.25 (Table 8), ``razor_ratio`` 0.5 (Table 6), ``num_kernels`` 4,
+    ``kernel_size`` (k_d) 3, ``static_kernel`` (k_s) 9 = k_d^2 (required by ``psi``), ``spatial_kernel`` 15
+    (Table 7; a separate parameter from ``static_kernel``: S1). Every other choice is listed in the module
+    docstring of :mod:`dynzoo.layers.sgdm` ([PROPOSED]: S2, S5; no residual, no final norm or activation).
+
+    ``reparameterize()`` (spec §2) switches the module to its inference form in place: ``S`` is computed from the
+    raw strip kernels and multiplied into the experts, then the dynamic conv's BN and both strips' BNs are folded.
+    Afterwards the guide is no longer recomputed (``deployed``); the module is inference-only.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            split_ratio: float = 0.25,
+            razor_ratio: float = 0.5,
+            num_kernels: int = 4,
+            kernel_size: int = 3,
+            static_kernel: int = 9,
+            spatial_kernel: int = 15,
+            strategy: str = 'auto',
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if not 0.0 < split_ratio <= 1.0 / 3.0:
+            raise ValueError(f'split_ratio must be in (0, 1/3] (split [r, r, r, 1 - 3r]), got {split_ratio}')
+        if static_kernel != kernel_size * kernel_size:
+            raise ValueError(
+                f'static_kernel ({static_kernel}) must equal kernel_size^2 ({kernel_size}^2) so that psi can reshape '
+                'the strip kernels into the dynamic kernel (Eq. 10)')
+        split = int(split_ratio * channels)
+        if split < 1:
+            raise ValueError(f'split_ratio={split_ratio} gives no channel per branch out of {channels}')
+        dd = {'device': device, 'dtype': dtype}
+        self.channels = channels
+        self.split_channels = split
+        self.split_sizes: List[int] = [split, split, split, channels - 3 * split]
+        self.kernel_size = kernel_size
+        self.rdconv = RDConv2d(split, kernel_size, razor_ratio, num_kernels, spatial_kernel, strategy=strategy, **dd)
+        self.num_intrinsic = self.rdconv.num_intrinsic
+        self.conv_h = StaticStripConv(split, (static_kernel, 1), **dd)
+        self.conv_w = StaticStripConv(split, (1, static_kernel), **dd)
+        self.deployed = False
+
+    def static_guide(self) -> torch.Tensor:
+        """Eq. 10's ``psi(W_h) + psi(W_w)`` from the live strip kernels (gradients flow to both strips)."""
+        return static_guide(self.conv_h.conv.weight, self.conv_w.conv.weight, self.num_intrinsic, self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f'SGDM expects (B, {self.channels}, H, W), got shape {x.shape}')
+        x_rd, x_h, x_w, x_id = torch.split(x, self.split_sizes, dim=1)
+        guide: Optional[torch.Tensor] = None
+        if not self.deployed:
+            guide = self.static_guide()
+        return torch.cat([self.rdconv(x_rd, guide), self.conv_h(x_h), self.conv_w(x_w), x_id], dim=1)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the guide into the experts and every BN into its conv (spec §2). Idempotent."""
+        if self.deployed:
+            return
+        if self.conv_h.fused or self.conv_w.fused:
+            raise RuntimeError(
+                'the static strips of this SGDM were folded on their own, which changed the kernels the guide is '
+                'built from; call SGDM.reparameterize() (or timm.utils.reparameterize_model) on the whole module')
+        guide = self.static_guide()  # from the raw kernels, BEFORE their BNs are folded
+        self.rdconv.dynamic.fold_guide(guide)
+        self.rdconv.reparameterize()
+        self.conv_h.reparameterize()
+        self.conv_w.reparameterize()
+        self.deployed = True
+
+    def extra_repr(self) -> str:
+        return (f'{self.channels}, split={self.split_sizes}, intrinsic={self.num_intrinsic}, '
+                f'deployed={self.deployed}')

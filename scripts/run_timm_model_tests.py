@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Run timm's own ``tests/test_models.py`` (from the sdist of the installed timm) against dynzoo's models.
+
+The sdist is fetched once from the package index (``pip download --no-binary :all: timm==<installed>``) into
+``.cache/timm-sdist``; its ``tests/test_models.py`` runs with a conftest that imports dynzoo (so dynzoo's models
+are registered before collection) and ``-k`` restricted to dynzoo's model names. Offline otherwise.
+
+    python scripts/run_timm_model_tests.py [--models attnet_t1 dmf_xxs] [-- extra pytest args]
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / '.cache' / 'timm-sdist'
+
+CONFTEST = '''\
+import dynzoo  # noqa: F401  -- registers dynzoo's models with timm before test collection
+'''
+
+
+def fetch_sdist(version: str) -> Path:
+    """Unpacked timm sdist for ``version`` (downloaded once)."""
+    target = CACHE / f'timm-{version}'
+    if (target / 'tests' / 'test_models.py').is_file():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    archive = CACHE / f'timm-{version}.tar.gz'
+    if not archive.is_file():
+        subprocess.run(
+            [sys.executable, '-m', 'pip', 'download', '--quiet', '--no-deps', '--no-binary', ':all:',
+             f'timm=={version}', '-d', str(CACHE)], check=True)
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(f'timm-{version}/tests/')]
+        tar.extractall(CACHE, members=members, filter='data')
+    return target
+
+
+def main() -> int:
+    import timm
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--models', nargs='*', default=None, help='dynzoo model names (default: all)')
+    p.add_argument('pytest_args', nargs=argparse.REMAINDER)
+    args = p.parse_args()
+    sdist = fetch_sdist(timm.__version__)
+    tests = sdist / 'tests'
+    (tests / 'conftest.py').write_text(CONFTEST)
+    if args.models:
+        names = args.models
+    else:
+        import dynzoo
+        names = dynzoo.list_dynzoo_models()
+    expr = ' or '.join(names)
+    extra = [a for a in args.pytest_args if a != '--']
+    env = dict(os.environ, HF_HUB_OFFLINE='1', PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    cmd = [sys.executable, '-m', 'pytest', str(tests / 'test_models.py'), '-p', 'no:cacheprovider',
+           '-k', expr, '-q', '-W', 'ignore::pytest.PytestUnknownMarkWarning', *extra]
+    print(f'timm {timm.__version__} upstream model tests on {len(names)} dynzoo models', flush=True)
+    return subprocess.call(cmd, cwd=str(sdist), env=env)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
