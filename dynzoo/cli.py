@@ -33,10 +33,11 @@ def format_table(rows: Sequence[Dict[str, object]], columns: Optional[Sequence[s
     def _is_num(s: str) -> bool:
         return s.replace(',', '').replace('.', '').replace('-', '').replace('+', '').replace('%', '').isdigit()
 
+    numeric = [any(_is_num(row[i]) for row in cells) and all(_is_num(row[i]) or row[i] in ('-', '')
+                                                              for row in cells) for i in range(len(columns))]
+
     def fmt(values):
-        out = []
-        for v, w in zip(values, widths):
-            out.append(v.rjust(w) if _is_num(v) else v.ljust(w))
+        out = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
         return ('| ' + ' | '.join(out) + ' |') if markdown else '  '.join(out).rstrip()
 
     header = fmt(columns)

@@ -270,7 +270,8 @@ def run_user_loads(actions: List[tuple], env: Dict[str, str], timeout: float = 2
         capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT ')]
     if proc.returncode != 0 or not lines:
-        raise AssertionError(f'user process failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+        raise AssertionError(
+            f'user process failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
     return json.loads(lines[-1][len('RESULT '):])
 
 

@@ -129,17 +129,22 @@ def test_served_hub(tmp_path, small_bytes, small2_bytes):
 
 
 def test_local_hub_is_bounded():
-    with LocalHub({'a/b': {'f': b'123'}}, max_requests=2, lifetime_s=0.5) as server:
+    """The test hub answers at most max_requests requests, and stops by itself after lifetime_s."""
+    with LocalHub({'a/b': {'f': b'123'}}, max_requests=2, lifetime_s=120) as server:
         url = f'{server.endpoint}/a/b/resolve/main/f'
         statuses = []
         for _ in range(3):
             try:
-                statuses.append(urllib.request.urlopen(url, timeout=5).status)
+                statuses.append(urllib.request.urlopen(url, timeout=30).status)
             except urllib.error.HTTPError as e:
                 statuses.append(e.code)
         assert statuses == [200, 200, 503] and server.overflow
-        server._timer.join(timeout=5)  # the lifetime timer shuts the server down by itself
-        assert server._server is None
+    short = LocalHub({'a/b': {'f': b'123'}}, lifetime_s=0.2).start()
+    url = f'{short.endpoint}/a/b/resolve/main/f'
+    short._timer.join(timeout=30)
+    assert short._server is None
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url, timeout=5)
 
 
 # --- no published checkpoint: refuse at once, say what exists ---------------------------------------------------

@@ -161,20 +161,23 @@ def tile_plan(
         groups: int,
         kernel_row_elems: int,
         elem_size: int = 4,
-        budget: int = TILE_BYTES,
+        budget: int = 0,
 ) -> Tuple[int, int]:
     """``(rows, samples)`` of one tile of the ``'tiled'`` strategy: the aggregated kernels of ``samples`` samples
     for ``rows`` output channels take at most ``budget`` bytes (at least one sample and one group's outputs).
 
-    ``kernel_row_elems`` is ``C_in/g * kh * kw`` (one output channel's kernel). ``rows`` is a multiple of the
-    outputs per group, so a tile covers whole conv groups.
+    ``kernel_row_elems`` is ``C_in/g * kh * kw`` (one output channel's kernel); ``budget`` 0 means
+    :data:`TILE_BYTES`. With ``groups > 1``, ``rows`` is a multiple of the outputs per group, so a tile covers
+    whole conv groups.
     """
+    if budget <= 0:
+        budget = TILE_BYTES
     per_row = max(1, kernel_row_elems * elem_size)
-    out_per_group = out_channels // groups
+    step = 1 if groups == 1 else out_channels // groups  # a tile never splits a conv group
     if out_channels * per_row <= budget:
         rows = out_channels
     else:
-        rows = max(out_per_group, (budget // per_row) // out_per_group * out_per_group)
+        rows = max(step, (budget // per_row) // step * step)
     samples = max(1, min(batch, budget // (rows * per_row)))
     return rows, samples
 
@@ -203,8 +206,8 @@ def _tiled_dynamic_conv2d(
     row_tiles: List[torch.Tensor] = []
     for r0 in range(0, c_out, rows):
         r1 = min(c_out, r0 + rows)
-        g0 = r0 // out_per_group
-        g1 = r1 // out_per_group
+        g0 = 0 if groups == 1 else r0 // out_per_group
+        g1 = 1 if groups == 1 else r1 // out_per_group
         w_t = weight if rows == c_out else weight[:, r0:r1].contiguous()
         sw_t: Optional[torch.Tensor] = None
         if static_weight is not None:
