@@ -8,8 +8,9 @@ from dynzoo.layers.heads import set_temperature, get_temperatures, fmdconv_tempe
 from dynzoo.hub import CheckpointError, PretrainedUnavailableError
 from dynzoo import models  # registers the models with timm
 from dynzoo.models import list_dynzoo_models
+from dynzoo.reparam import reparameterize
 
 __all__ = [
     '__version__', 'set_temperature', 'get_temperatures', 'fmdconv_temperature', 'linear_temperature',
-    'CheckpointError', 'PretrainedUnavailableError', 'list_dynzoo_models',
+    'CheckpointError', 'PretrainedUnavailableError', 'list_dynzoo_models', 'reparameterize',
 ]

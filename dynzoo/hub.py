@@ -159,6 +159,11 @@ def load_checkpoint(pretrained_cfg: Mapping[str, Any]) -> Any:
             f'could not fetch {entry["hf_hub_id"]}/{entry.get("filename", "model.safetensors")} for '
             f'{model}.{tag} ({type(e).__name__}: {e}). Offline? Put the file in the Hugging Face cache, or load it '
             'with pretrained_cfg_overlay=dict(file=...)') from e
+    size = os.path.getsize(path)
+    if entry.get('size') is not None and size != entry['size']:
+        raise CheckpointError(
+            f'size mismatch for {model}.{tag} ({path}): index says {entry["size"]} bytes, file has {size}. '
+            'The download is truncated or the hub file changed: delete it from the cache and download again.')
     digest = sha256_file(path)
     if digest != entry.get('sha256'):
         raise CheckpointError(

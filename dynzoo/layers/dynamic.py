@@ -54,7 +54,8 @@ __all__ = [
 
 STRATEGIES = ('auto', 'grouped', 'tiled', 'dense', 'bmm', 'loop')
 _DEFAULT_STRATEGY = ['auto']
-# bytes of aggregated kernel per tile of the 'tiled' strategy: the per-core L2 of the machine it was tuned on
+# bytes of aggregated kernel per tile of the 'tiled' strategy: the per-core L2 of the machine it was tuned on.
+# Eager code reads this module attribute at call time (so it can be tuned); TorchScript uses the default.
 TILE_BYTES = 2 * 1024 * 1024
 
 
@@ -161,17 +162,15 @@ def tile_plan(
         groups: int,
         kernel_row_elems: int,
         elem_size: int = 4,
-        budget: int = 0,
+        budget: int = 2 * 1024 * 1024,
 ) -> Tuple[int, int]:
     """``(rows, samples)`` of one tile of the ``'tiled'`` strategy: the aggregated kernels of ``samples`` samples
     for ``rows`` output channels take at most ``budget`` bytes (at least one sample and one group's outputs).
 
-    ``kernel_row_elems`` is ``C_in/g * kh * kw`` (one output channel's kernel); ``budget`` 0 means
-    :data:`TILE_BYTES`. With ``groups > 1``, ``rows`` is a multiple of the outputs per group, so a tile covers
+    ``kernel_row_elems`` is ``C_in/g * kh * kw`` (one output channel's kernel); ``budget`` defaults to
+    :data:`TILE_BYTES`'s default. With ``groups > 1``, ``rows`` is a multiple of the outputs per group, so a tile covers
     whole conv groups.
     """
-    if budget <= 0:
-        budget = TILE_BYTES
     per_row = max(1, kernel_row_elems * elem_size)
     step = 1 if groups == 1 else out_channels // groups  # a tile never splits a conv group
     if out_channels * per_row <= budget:
@@ -193,13 +192,14 @@ def _tiled_dynamic_conv2d(
         padding: Tuple[int, int],
         dilation: Tuple[int, int],
         groups: int,
+        budget: int,
 ) -> torch.Tensor:
     """The ``'tiled'`` strategy: per-sample kernels built tile by tile (:func:`tile_plan`), each tile consumed by
     :func:`per_sample_conv2d` at once. Output-channel tiles are the outer loop, so a tile of the bank is read from
     memory once and reused from cache by every sample chunk."""
     batch = x.shape[0]
     num_k, c_out, c_in_g, kh, kw = weight.shape
-    rows, samples = tile_plan(batch, c_out, groups, c_in_g * kh * kw, x.element_size())
+    rows, samples = tile_plan(batch, c_out, groups, c_in_g * kh * kw, x.element_size(), budget)
     out_per_group = c_out // groups
     pointwise = _is_pointwise(kh, kw, padding, groups)
     inner = 'bmm' if pointwise else 'grouped'
@@ -232,6 +232,10 @@ def _tiled_dynamic_conv2d(
                 x_t[n0:n1], agg.to(x.dtype), b_t, stride, padding, dilation, g1 - g0, inner))
         row_tiles.append(chunks[0] if len(chunks) == 1 else torch.cat(chunks, 0))
     return row_tiles[0] if len(row_tiles) == 1 else torch.cat(row_tiles, 1)
+
+
+def _tile_bytes() -> int:
+    return int(TILE_BYTES)
 
 
 def _is_exporting() -> bool:
@@ -329,8 +333,11 @@ def dynamic_conv2d(
             y = y + agg_bias.to(y.dtype).reshape(batch, c_out, 1, 1)
     elif strategy == 'tiled':
         agg_bias = _aggregate_bias(bias, kernel_attn, static_bias, batch)
+        budget = 2 * 1024 * 1024
+        if not torch.jit.is_scripting():
+            budget = _tile_bytes()
         y = _tiled_dynamic_conv2d(
-            x, weight, kernel_attn, spatial_attn, static_weight, agg_bias, stride, padding, dilation, groups)
+            x, weight, kernel_attn, spatial_attn, static_weight, agg_bias, stride, padding, dilation, groups, budget)
     else:
         if strategy not in ('grouped', 'loop', 'dense', 'bmm'):
             raise ValueError(

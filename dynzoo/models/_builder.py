@@ -78,6 +78,13 @@ def _strict_filter(
             state_dict = hub.unwrap_checkpoint(state_dict)
         if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
             raise hub.CheckpointError(f'checkpoint for {variant} did not resolve to a dict of tensors')
+        # the checkpoint's own class count decides whether timm keeps its classifier: a 10-class fine-tune
+        # loaded with num_classes=10 keeps its head; loaded with another num_classes the head is re-initialised
+        live_cfg = getattr(model, 'pretrained_cfg', None)
+        for name in _classifier_names(pretrained_cfg):
+            w = state_dict.get(name + '.weight')
+            if isinstance(live_cfg, dict) and isinstance(w, torch.Tensor) and w.dim() >= 1:
+                live_cfg['num_classes'] = int(w.shape[0])
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(expected))
