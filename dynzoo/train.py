@@ -92,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--split-seed', type=int, default=0, help='seed of the train/validation split')
     g.add_argument('--synthetic-size', type=int, default=64, help='number of generated images (synthetic)')
     g.add_argument('--input-size', type=int, default=None, help='square input resolution (model default if unset)')
+    g.add_argument('--img-size', type=int, default=None, help='timm train.py name of --input-size')
     g.add_argument('--mean', type=float, nargs=3, default=None)
     g.add_argument('--std', type=float, nargs=3, default=None)
     g.add_argument('--interpolation', default='', help='resize interpolation (model default if empty)')
+    g.add_argument('--train-interpolation', default='', help='training resize interpolation (default: as eval)')
     g.add_argument('--crop-pct', type=float, default=None, help='eval center-crop fraction')
     g.add_argument('--no-aug', action='store_true', help='no training augmentation')
     g.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], help='RandomResizedCrop scale range')
@@ -104,8 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--color-jitter', type=float, default=0.4)
     g.add_argument('--aa', default=None, help='AutoAugment / RandAugment policy, e.g. rand-m9-mstd0.5-inc1')
     g.add_argument('--reprob', type=float, default=0.0, help='random erasing probability')
+    g.add_argument('--remode', default='pixel', help='random erasing mode')
+    g.add_argument('--recount', type=int, default=1, help='random erasing count')
+    g.add_argument('--aug-repeats', type=int, default=0, help='repeated augmentation (distributed runs)')
     g.add_argument('--workers', '-j', type=int, default=2, help='data loader workers per process')
     g.add_argument('--batch-size', '-b', type=int, default=64, help='per-process training batch size')
+    g.add_argument('--grad-accum-steps', type=int, default=1, help='micro-batches per optimizer update')
     g.add_argument('--validation-batch-size', type=int, default=None)
     g = p.add_argument_group('mixup / cutmix / loss')
     g.add_argument('--mixup', type=float, default=0.0)
@@ -399,7 +405,7 @@ def create_optimizer(args, model: nn.Module, world_size: int = 1) -> torch.optim
     """timm's ``create_optimizer_v2``; ``--layer-decay`` groups parameters by the model's ``group_matcher``."""
     from timm.optim import create_optimizer_v2
     if args.lr is None:
-        args.lr = args.lr_base * args.batch_size * world_size / args.lr_base_size
+        args.lr = args.lr_base * args.batch_size * world_size * args.grad_accum_steps / args.lr_base_size
     opt_kwargs = {}
     if args.opt_eps is not None:
         opt_kwargs['eps'] = args.opt_eps
@@ -519,26 +525,31 @@ def train(args: argparse.Namespace) -> TrainResult:
         from timm.layers import convert_sync_batchnorm
         model = convert_sync_batchnorm(model)
 
+    size = args.input_size or args.img_size
     data_config = resolve_data_config(
         args={k: v for k, v in dict(
-            input_size=(3, args.input_size, args.input_size) if args.input_size else None,
+            input_size=(3, size, size) if size else None,
             mean=args.mean, std=args.std, interpolation=args.interpolation or None,
             crop_pct=args.crop_pct).items() if v is not None},
         model=model, verbose=False)
     train_ds, val_ds, data_desc = create_datasets(args)
     loader_train = create_loader(
         train_ds, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-        no_aug=args.no_aug, re_prob=args.reprob, scale=tuple(args.scale), ratio=tuple(args.ratio),
-        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
+        color_jitter=args.color_jitter, auto_augment=args.aa,
+        num_aug_repeats=args.aug_repeats if args.distributed else 0,
+        interpolation=args.train_interpolation or data_config['interpolation'], mean=data_config['mean'],
+        std=data_config['std'],
         num_workers=args.workers, distributed=args.distributed, use_prefetcher=False, device=device)
     loader_eval = create_loader(
         val_ds, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
         is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
         std=data_config['std'], crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'),
         num_workers=args.workers, distributed=args.distributed, use_prefetcher=False, device=device)
-    steps_per_epoch = len(loader_train)
-    if steps_per_epoch == 0:
+    accum = max(1, args.grad_accum_steps)
+    steps_per_epoch = math.ceil(len(loader_train) / accum)  # optimizer updates per epoch
+    if len(loader_train) == 0:
         raise ValueError(f'training set of {len(train_ds)} images is smaller than one batch of {args.batch_size}')
 
     optimizer = create_optimizer(args, model, args.world_size)
@@ -618,27 +629,38 @@ def train(args: argparse.Namespace) -> TrainResult:
         model.train()
         loss_sum, loss_count, t_epoch = 0.0, 0, time.perf_counter()
         it = _progress(loader_train, progress, f'epoch {epoch}/{num_epochs - 1}')
-        for step, (x, y) in enumerate(it):
-            temps.update(apply_temperatures(model_plain, schedules, epoch, step, steps_per_epoch, per_step=True))
+        last_micro = len(loader_train) - 1
+        optimizer.zero_grad(set_to_none=True)
+        for micro, (x, y) in enumerate(it):
+            step = micro // accum
+            update = (micro + 1) % accum == 0 or micro == last_micro
+            if micro % accum == 0:
+                temps.update(apply_temperatures(model_plain, schedules, epoch, step, steps_per_epoch, per_step=True))
             x, y = x.to(device), y.to(device)
             if mixup_fn is not None:
                 x, y = mixup_fn(x, y)
-            with amp_autocast():
-                loss = train_loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            if loss_scaler is not None:
-                loss_scaler(loss, optimizer, clip_grad=args.clip_grad, parameters=model.parameters())
-            else:
-                loss.backward()
+            sync = model.no_sync if args.distributed and not update else nullcontext
+            with sync():
+                with amp_autocast():
+                    loss = train_loss_fn(model(x), y)
+                if loss_scaler is not None:
+                    loss_scaler(loss / accum, optimizer, clip_grad=args.clip_grad, parameters=model.parameters(),
+                                need_update=update)
+                else:
+                    (loss / accum).backward()
+            loss_sum += loss.item()
+            loss_count += 1
+            if not update:
+                continue
+            if loss_scaler is None:
                 if args.clip_grad:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
                 optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             num_updates += 1
             if model_ema is not None:
                 model_ema.update(model_plain, step=num_updates)
             lr_scheduler.step_update(num_updates=num_updates)
-            loss_sum += loss.item()
-            loss_count += 1
             if progress and hasattr(it, 'set_postfix'):
                 it.set_postfix(loss=f'{loss_sum / loss_count:.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
             elif primary and args.log_interval and (step % args.log_interval == 0 or step == steps_per_epoch - 1):

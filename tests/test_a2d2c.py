@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import timm
 import dynzoo
 from dynzoo.layers.a2d2c import A2D2CConv2d, a2d2c_temperature
+from dynzoo.layers.dynamic import STRATEGIES
 
 torch.set_num_threads(1)
 
@@ -55,17 +56,24 @@ def _reference(layer, x, positions):
 
 @pytest.mark.parametrize('geometry', GEOMETRIES)
 @pytest.mark.parametrize('per_sample', [False, True])
-def test_modes_equal_reference(geometry, per_sample):
+@pytest.mark.parametrize('num_points', [7, 100])  # sparse (gathered) and dense (weighted-map) descriptor paths
+def test_modes_equal_reference(geometry, per_sample, num_points):
     torch.manual_seed(0)
-    fused, summed = _pair(geometry)
+    fused, summed = _pair(geometry, num_points=num_points)
     x = torch.randn(3, geometry[0], 9, 10, dtype=torch.float64)
     ho, wo = fused.output_size(x)
-    shape = (3, 3, 7) if per_sample else (3, 7)
+    shape = (3, 3, num_points) if per_sample else (3, num_points)
     positions = torch.randint(0, ho * wo, shape)
     ref, _ = _reference(fused, x, positions)
     y_fused = fused(x, positions)
     y_sum = summed(x, positions)
     assert y_fused.shape == ref.shape == (3, geometry[1], ho, wo)
+    fused.eval()
+    summed.eval()  # the all-positions mean (separable sums in fused mode, GAP of F_i in sum mode)
+    everywhere = torch.arange(ho * wo).repeat(3, 1)
+    ref_mean, _ = _reference(fused, x, everywhere)
+    torch.testing.assert_close(fused(x), ref_mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(summed(x), ref_mean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(y_fused, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(y_sum, ref, rtol=1e-10, atol=1e-10)
 
@@ -90,8 +98,11 @@ def test_batched_equals_per_sample_kernel_loop(mode):
     layer = fused if mode == 'fused' else summed
     x = torch.randn(4, 8, 9, 9, dtype=torch.float64)
     positions = torch.randint(0, 16, (3, 7))  # 4x4 output
-    y = layer(x, positions)
     _, pi = _reference(layer, x, positions)
+    y = layer(x, positions)
+    for strategy in STRATEGIES:  # the fused mode's aggregated conv runs through every core strategy alike
+        layer.strategy = strategy
+        torch.testing.assert_close(layer(x, positions), y, rtol=1e-10, atol=1e-10, msg=strategy)
     for n in range(4):
         w_n = torch.einsum('k,koihw->oihw', pi[n], layer.weight)
         b_n = pi[n] @ layer.bias
@@ -141,7 +152,9 @@ def test_training_sampling_is_random_and_seeded():
 
 def test_fixed_sampling_positions_in_range():
     layer = A2D2CConv2d(4, 4, 3, stride=2, padding=1, num_points=100, eval_sampling='fixed').eval()
-    w = layer.sampling_weights(1, (7, 7), torch.device('cpu'))
+    positions = layer.sample_positions(1, (7, 7), torch.device('cpu'))
+    torch.testing.assert_close(layer.sample_positions(1, (7, 7), torch.device('cpu')), positions)
+    w = layer.sampling_weights(positions, 49, torch.float32)
     assert w.shape == (4, 49)
     torch.testing.assert_close(w.sum(-1), torch.ones(4))
     assert (w > 0).sum() > 4 * 30  # spread over the map, not a few points

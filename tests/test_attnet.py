@@ -1,6 +1,5 @@
 """AttNet / ATConv (arXiv:2510.20092): operator math, execution strategies, the seven variants, the authors'
 checkpoint parity fixture, FLOPs under the paper's counting convention, and reparameterization."""
-import json
 import math
 from fnmatch import fnmatch
 from pathlib import Path
@@ -263,7 +262,10 @@ def test_features_only_and_intermediates():
 
 @pytest.mark.parametrize('name', ['attnet_xxs', 'attnet_t1'])
 def test_reparameterize_is_exact(name):
-    model = timm.create_model(name).eval()
+    model = timm.create_model(name)
+    with pytest.raises(RuntimeError, match='eval'):
+        model.reparameterize()
+    model.eval()
     _randomize(model)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -305,7 +307,8 @@ def test_drop_path_and_recipes():
     for name in VARIANTS:
         cfg = yaml.safe_load((ROOT / 'dynzoo' / 'recipes' / f'{name}.yaml').read_text())
         assert cfg['model'] == name and cfg['drop_path'] == AUTHORS_DROP_PATH[name]
-        assert (cfg['epochs'], cfg['lr'], cfg['opt'], cfg['sched'], cfg['warmup_epochs']) == (300, 4e-3, 'adamw', 'cosine', 5)
+        assert (cfg['epochs'], cfg['lr'], cfg['opt'], cfg['sched'], cfg['warmup_epochs']) == \
+            (300, 4e-3, 'adamw', 'cosine', 5)
         assert cfg['smoothing'] == 0.1 and cfg['model_ema_decay'] == 0.99995
     model = timm.create_model('attnet_t1', drop_path_rate=0.1)
     rates = [m.drop_prob for m in model.modules() if isinstance(m, timm.layers.DropPath)]
@@ -352,3 +355,25 @@ def test_weights_index_lists_authors_release():
     assert hub.find_entry('attnet_xxs', 'in1k') is None  # code-only: nothing released
     cfg = timm.models.get_pretrained_cfg('attnet_xs.in1k')
     assert 'code-only' in ' '.join(cfg.notes)
+
+
+@pytest.mark.parametrize('length,bins', [(3136, 9), (784, 9), (49, 9), (5, 9), (14, 3), (7, 3), (2, 3)])
+def test_onnx_pool_matrix_equals_adaptive_pooling(length, bins):
+    from dynzoo.layers.atconv import _adaptive_pool_matrix
+    x = torch.randn(2, 3, length, dtype=torch.float64)
+    torch.testing.assert_close(x @ _adaptive_pool_matrix(length, bins, x), F.adaptive_avg_pool1d(x, bins))
+
+
+@pytest.mark.parametrize('what', ['attnet_xxs', 'atconv_2d'])
+def test_onnx_export_dynamic_batch(tmp_path, what):
+    """ONNX lacks adaptive pooling with non-dividing sizes and static-group convs with a dynamic batch: the export
+    path (pooling matrices, dynzoo.export's GEMM per-sample conv) must match PyTorch at batch 1 and 3."""
+    pytest.importorskip('onnxruntime')
+    from dynzoo.export import check_onnx, export_onnx
+    if what == 'attnet_xxs':
+        model, size = timm.create_model('attnet_xxs').eval(), (3, 64, 96)
+    else:  # the paper's grid pooling, on one layer (the network path is the same as for '1d')
+        model, size = ATConv2d(8, pool_mode='2d').eval(), (8, 10, 13)
+        _randomize(model)
+    path = export_onnx(model, str(tmp_path / 'model.onnx'), input_size=size, exporter='torchscript')
+    assert check_onnx(model, path, input_size=size) < 1e-5

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import timm
 import dynzoo
 from dynzoo import hub
+from dynzoo.layers.dynamic import STRATEGIES
 from dynzoo.layers.odconv import CondConv2d, DynamicConv2d, ODConv2d
 
 torch.set_num_threads(1)
@@ -75,9 +76,7 @@ def test_batched_equals_per_sample_reference(kind, geometry):
     layer = _randomize(LAYERS[kind](*geometry).double()).eval()
     x = torch.randn(3, geometry[0], 9, 9, dtype=torch.float64)
     ref = _reference(layer, x)
-    for strategy in ('grouped', 'loop', 'auto', 'dense'):
-        if strategy == 'dense' and layer.groups != 1:
-            continue  # the dense-K path is for ungrouped layers (the dispatcher never picks it for groups > 1)
+    for strategy in STRATEGIES:
         layer.strategy = strategy
         torch.testing.assert_close(layer(x), ref, rtol=1e-10, atol=1e-10, msg=f'{kind} {strategy}')
 

@@ -1,7 +1,6 @@
 """SGDM / RDConv (dynzoo spec sgdm.md): operator math, fusion identities, parameter counts, reparameterization,
 detection features. Small shapes throughout; every expected integer is the spec's, every computed one computed here."""
 import copy
-import math
 
 import pytest
 import torch
@@ -47,7 +46,7 @@ def _calibrate_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.uniform_(0.5, 1.5, generator=g)
                 m.bias.uniform_(-0.2, 0.2, generator=g)
     with torch.no_grad():
-        model.train()(torch.randn(8, 3, 32, 32, generator=g))
+        model.train()(torch.randn(6, 3, 64, 64, generator=g))
     return model.eval()
 
 
@@ -348,7 +347,7 @@ def test_model_reparameterize_exact(name):
 def test_reparameterize_exact_in_float64():
     """The folds are identities, not approximations: in float64 the difference is at rounding level."""
     model = _calibrate_bn(timm.create_model('sgdm_cspdarknet_n', num_classes=10)).double()
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         assert (reparameterize(model)(x) - model(x)).abs().max() <= 1e-12
 
@@ -357,7 +356,8 @@ def test_reparameterize_exact_in_float64():
 # detection features and host compatibility
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('name,channels', [('sgdm_cspdarknet_n', [64, 128, 256]), ('sgdm_cspdarknet_s', [128, 256, 512])])
+@pytest.mark.parametrize('name,channels', [
+    ('sgdm_cspdarknet_n', [64, 128, 256]), ('sgdm_cspdarknet_s', [128, 256, 512])])
 def test_cspdarknet_features_are_post_sgdm_p3_p5(name, channels):
     torch.manual_seed(1)
     model = timm.create_model(name).eval()

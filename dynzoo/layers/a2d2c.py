@@ -127,29 +127,31 @@ class A2D2CConv2d(DynamicConv2dBase):
         self.router = A2D2CRouter(out_channels, temperature, device=device, dtype=dtype)
 
     # ---------------------------------------------------------------- sampling (Eq. 3-4)
-    def sampling_weights(
+    def sample_positions(
             self,
             batch: int,
             out_hw: Tuple[int, int],
             device: torch.device,
             positions: Optional[torch.Tensor] = None,
-            dtype: torch.dtype = torch.float32,
     ) -> Optional[torch.Tensor]:
-        """Weight of every output position in each kernel's descriptor: ``(K, L)`` or ``(B, K, L)``, each row the
-        sample multiplicities divided by ``M`` (sums to 1). ``None`` means the uniform ``1/L`` (eval ``'mean'``)."""
+        """The sampled output positions (row-major, int64): ``(K, M)`` shared by the batch or ``(B, K, M)``.
+
+        Training (and eval ``'random'``): uniform with replacement from the global torch RNG; eval ``'fixed'``:
+        a golden-ratio (Weyl) sequence of ``M`` positions per kernel; eval ``'mean'``: ``None``, meaning every
+        position with weight ``1/L`` (the expectation of the MRS estimator). Explicit ``positions`` are checked.
+        """
         num_pos = out_hw[0] * out_hw[1]
         k = self.num_kernels
         m = self.num_points
         if positions is None:
             if self.training or self.eval_sampling == 'random':
                 shape: List[int] = [k, m] if self.sample_per == 'batch' else [batch, k, m]
-                positions = torch.randint(0, num_pos, shape, device=device)
-            elif self.eval_sampling == 'fixed':
+                return torch.randint(0, num_pos, shape, device=device)
+            if self.eval_sampling == 'fixed':
                 j = torch.arange(k * m, device=device, dtype=torch.float64)
                 frac = torch.remainder(0.5 + (j + 1.0) * 0.6180339887498949, 1.0)  # (sqrt(5) - 1) / 2
-                positions = (frac * num_pos).floor().long().clamp_(max=num_pos - 1).reshape(k, m)
-            else:
-                return None
+                return (frac * num_pos).floor().long().clamp_(max=num_pos - 1).reshape(k, m)
+            return None
         if positions.dim() not in (2, 3) or positions.shape[-2] != k or (
                 positions.dim() == 3 and positions.shape[0] != batch):
             raise ValueError(
@@ -158,10 +160,15 @@ class A2D2CConv2d(DynamicConv2dBase):
             raise ValueError(f'positions must be int64, got {positions.dtype}')
         if bool((positions < 0).any()) or bool((positions >= num_pos).any()):
             raise ValueError(f'positions must lie in [0, {num_pos}) for a {out_hw[0]}x{out_hw[1]} output')
-        # float64 inputs get float64 weights (gradcheck); everything else float32 (1/M is not exact in fp16)
+        return positions
+
+    @staticmethod
+    def sampling_weights(positions: torch.Tensor, num_pos: int, dtype: torch.dtype) -> torch.Tensor:
+        """Weight of every output position in each kernel's descriptor, ``(..., L)``: the multiplicities of
+        ``positions`` divided by ``M`` (rows sum to 1). float64 stays float64 (gradcheck), else float32."""
         wdtype = torch.float64 if dtype == torch.float64 else torch.float32
-        counts = torch.zeros(list(positions.shape[:-1]) + [num_pos], device=device, dtype=wdtype)
-        ones = torch.full(positions.shape, 1.0 / positions.shape[-1], device=device, dtype=wdtype)
+        counts = torch.zeros(list(positions.shape[:-1]) + [num_pos], device=positions.device, dtype=wdtype)
+        ones = torch.full(positions.shape, 1.0 / positions.shape[-1], device=positions.device, dtype=wdtype)
         return counts.scatter_add_(-1, positions, ones)
 
     def output_size(self, x: torch.Tensor) -> Tuple[int, int]:
@@ -171,39 +178,67 @@ class A2D2CConv2d(DynamicConv2dBase):
         )
 
     # ---------------------------------------------------------------- routing descriptors
-    def mean_patches(self, x: torch.Tensor, weights: Optional[torch.Tensor], out_hw: Tuple[int, int]) -> torch.Tensor:
-        """``P_i``: the weighted mean of the input patches under kernel ``i``'s sample weights, exact with zero
-        padding -> ``(B, K, C_in, kh*kw)``. One strided slice of the padded input per kernel tap."""
+    def mean_patches(self, x: torch.Tensor, positions: Optional[torch.Tensor], out_hw: Tuple[int, int]) -> torch.Tensor:
+        """``P_i``: the mean input patch under kernel ``i``'s sampled positions, exact with zero padding ->
+        ``(B, K, C_in, kh*kw)``; ``(B, 1, C_in, kh*kw)`` for the all-positions mean (``positions=None``).
+
+        All positions: separable strided sums (rows per tap row, then columns per tap column). Sampled positions:
+        the ``M`` patches are gathered when that is sparser than the map (``K*M < L``), else each tap's strided
+        slice is contracted with the per-position sample weights."""
         batch, c_in = x.shape[0], x.shape[1]
         kh, kw = self.kernel_size
         sh, sw = self.stride
         dh, dw = self.dilation
         ho, wo = out_hw
+        num_pos = ho * wo
         x_pad = F.pad(x, [self.padding[1], self.padding[1], self.padding[0], self.padding[0]])
+        if positions is None:
+            rows = torch.stack([x_pad[:, :, ty * dh: ty * dh + sh * (ho - 1) + 1: sh, :].sum(2)
+                                for ty in range(kh)], 2)                                    # (B, C, kh, Wp)
+            cols = torch.stack([rows[:, :, :, tx * dw: tx * dw + sw * (wo - 1) + 1: sw].sum(-1)
+                                for tx in range(kw)], -1)                                   # (B, C, kh, kw)
+            return (cols / num_pos).reshape(batch, 1, c_in, kh * kw)
+        k, m = positions.shape[-2], positions.shape[-1]
+        if k * m < num_pos:
+            wp = x_pad.shape[-1]
+            base = torch.div(positions, wo, rounding_mode='floor') * (sh * wp) + torch.remainder(positions, wo) * sw
+            ty = torch.arange(kh, device=x.device).reshape(kh, 1) * (dh * wp)
+            tx = torch.arange(kw, device=x.device).reshape(1, kw) * dw
+            index = base.unsqueeze(-1) + (ty + tx).reshape(-1)                                # (..., K, M, T)
+            flat = x_pad.reshape(batch, c_in, -1)
+            if positions.dim() == 2:
+                picked = flat.index_select(2, index.reshape(-1))
+            else:
+                picked = flat.gather(2, index.reshape(batch, 1, -1).expand(batch, c_in, k * m * kh * kw))
+            picked = picked.reshape(batch, c_in, k, m, kh * kw).mean(3)                       # (B, C, K, T)
+            return picked.permute(0, 2, 1, 3)
+        weights = self.sampling_weights(positions, num_pos, x.dtype)
         taps: List[torch.Tensor] = []
         for ty in range(kh):
             for tx in range(kw):
                 tap = x_pad[:, :, ty * dh: ty * dh + sh * (ho - 1) + 1: sh, tx * dw: tx * dw + sw * (wo - 1) + 1: sw]
-                tap = tap.reshape(batch, c_in, ho * wo)
-                if weights is None:
-                    taps.append(tap.mean(-1).unsqueeze(1).expand(batch, self.num_kernels, c_in))
-                elif weights.dim() == 2:
+                tap = tap.reshape(batch, c_in, num_pos)
+                if weights.dim() == 2:
                     taps.append(torch.einsum('bcl,kl->bkc', tap, weights.to(tap.dtype)))
                 else:
                     taps.append(torch.einsum('bcl,bkl->bkc', tap, weights.to(tap.dtype)))
         return torch.stack(taps, -1)
 
-    def descriptors_fused(self, x: torch.Tensor, weights: Optional[torch.Tensor], out_hw: Tuple[int, int]) -> torch.Tensor:
+    def descriptors_fused(
+            self, x: torch.Tensor, positions: Optional[torch.Tensor], out_hw: Tuple[int, int]) -> torch.Tensor:
         """``p_i = W_i (*) P_i + b_i`` -> ``(B, K, C_out)``: the sampled mean of ``F_i`` without computing ``F_i``."""
-        patches = self.mean_patches(x, weights, out_hw)
+        patches = self.mean_patches(x, positions, out_hw)
         batch = x.shape[0]
         k, g = self.num_kernels, self.groups
         c_in_g = self.in_channels // g
         c_out_g = self.out_channels // g
         taps = self.kernel_size[0] * self.kernel_size[1]
-        patches = patches.reshape(batch, k, g, c_in_g, taps)
         w = self.weight.to(patches.dtype).reshape(k, g, c_out_g, c_in_g, taps)
-        desc = torch.einsum('bkgct,kgoct->bkgo', patches, w).reshape(batch, k, self.out_channels)
+        if patches.shape[1] == 1:
+            desc = torch.einsum('bgct,kgoct->bkgo', patches.reshape(batch, g, c_in_g, taps), w)
+        else:
+            desc = torch.einsum('bkgct,kgoct->bkgo', patches.reshape(batch, k, g, c_in_g, taps), w)
+        desc = desc.reshape(batch, k, self.out_channels)
         if self.bias is not None:
             desc = desc + self.bias.to(desc.dtype).unsqueeze(0)
         return desc
@@ -229,8 +264,8 @@ class A2D2CConv2d(DynamicConv2dBase):
     def routing(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``pi`` ``(B, K)`` computed the fused way (from mean patches)."""
         out_hw = self.output_size(x)
-        weights = self.sampling_weights(x.shape[0], out_hw, x.device, positions, x.dtype)
-        return self.router(self.descriptors_fused(x, weights, out_hw))
+        positions = self.sample_positions(x.shape[0], out_hw, x.device, positions)
+        return self.router(self.descriptors_fused(x, positions, out_hw))
 
     def forward_attention(self, x: torch.Tensor) -> Tuple[
             Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -241,14 +276,21 @@ class A2D2CConv2d(DynamicConv2dBase):
         if self.mode == 'sum':
             resp = self.responses(x)
             batch, k, c_out, ho, wo = resp.shape
-            weights = self.sampling_weights(batch, (ho, wo), x.device, positions, x.dtype)
+            positions = self.sample_positions(batch, (ho, wo), x.device, positions)
             flat = resp.reshape(batch, k, c_out, ho * wo)
-            if weights is None:
+            if positions is None:
                 desc = flat.mean(-1)
-            elif weights.dim() == 2:
-                desc = torch.einsum('bkol,kl->bko', flat, weights.to(flat.dtype))
+            elif positions.shape[-1] < ho * wo:  # gather the M sampled values
+                index = positions.unsqueeze(-2)
+                if positions.dim() == 2:
+                    index = index.unsqueeze(0)
+                desc = flat.gather(3, index.expand(batch, k, c_out, positions.shape[-1])).mean(-1)
             else:
-                desc = torch.einsum('bkol,bkl->bko', flat, weights.to(flat.dtype))
+                weights = self.sampling_weights(positions, ho * wo, x.dtype).to(flat.dtype)
+                if weights.dim() == 2:
+                    desc = torch.einsum('bkol,kl->bko', flat, weights)
+                else:
+                    desc = torch.einsum('bkol,bkl->bko', flat, weights)
             pi = self.router(desc)
             y = torch.einsum('bk,bkohw->bohw', pi.to(resp.dtype), resp)
             if self.post_bias is not None:

@@ -30,8 +30,6 @@ Inference form (:meth:`ATConv2d.reparameterize`): pooling and a 1x1 conv are bot
 ``(B, C, K^2)`` context, cutting that branch from ``C^2 H W`` to ``C^2 K^2`` MACs (spec §1.6.4). It is off in the
 training form, whose FLOPs are the paper's.
 """
-from typing import Optional, Tuple
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,6 +47,22 @@ def atconv_num_params(dim: int, kernel_size: int = 3, bias: bool = True) -> int:
     """Closed-form parameter count of one :class:`ATConv2d` (spec §1.2): ``3C^2 + 4C + K^4 + K^2`` with biases."""
     k2 = kernel_size * kernel_size
     return 3 * dim * dim + (3 * dim if bias else 0) + dim + k2 * k2 + k2
+
+
+@torch.jit.unused
+def _onnx_exporting() -> bool:
+    return torch.onnx.is_in_onnx_export()
+
+
+def _adaptive_pool_matrix(length: int, bins: int, like: torch.Tensor) -> torch.Tensor:
+    """``(length, bins)`` averaging matrix of PyTorch's adaptive average pooling: bin ``j`` averages indices
+    ``[floor(j L / n), ceil((j + 1) L / n))`` (used only while exporting to ONNX)."""
+    idx = torch.arange(length, device=like.device).unsqueeze(1)
+    j = torch.arange(bins, device=like.device).unsqueeze(0)
+    start = torch.div(j * length, bins, rounding_mode='floor')
+    end = torch.div((j + 1) * length + bins - 1, bins, rounding_mode='floor')
+    member = ((idx >= start) & (idx < end)).to(like.dtype)
+    return member / member.sum(0, keepdim=True)
 
 
 @register_notrace_module
@@ -81,7 +95,8 @@ class ATConv2d(nn.Module):
         if dim < 1:
             raise ValueError(f'ATConv2d needs dim >= 1, got {dim}')
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f'ATConv2d needs an odd kernel_size >= 1 (zero padding K // 2 keeps H, W), got {kernel_size}')
+            raise ValueError(
+                f'ATConv2d needs an odd kernel_size >= 1 (zero padding K // 2 keeps H, W), got {kernel_size}')
         if pool_mode not in ATCONV_POOL_MODES:
             raise ValueError(f'Unknown ATConv pool_mode {pool_mode!r}; expected one of {ATCONV_POOL_MODES}')
         if strategy not in DEPTHWISE_STRATEGIES:
@@ -110,10 +125,16 @@ class ATConv2d(nn.Module):
 
     def _pool(self, f: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, C, K^2)``: 9 row-major bands ('1d') or a ``K x K`` grid, flattened ('2d')."""
-        k2 = self.kernel_size * self.kernel_size
+        k = self.kernel_size
+        if not torch.jit.is_scripting() and _onnx_exporting():
+            # ONNX has no adaptive pooling with non-dividing sizes: the same bins as averaging matrices
+            if self.pool_mode == '1d':
+                return torch.matmul(f.flatten(2), _adaptive_pool_matrix(f.shape[2] * f.shape[3], k * k, f))
+            z = torch.matmul(_adaptive_pool_matrix(f.shape[2], k, f).t(), f)  # (B, C, K, W)
+            return torch.matmul(z, _adaptive_pool_matrix(f.shape[3], k, f)).flatten(2)
         if self.pool_mode == '1d':
-            return F.adaptive_avg_pool1d(f.flatten(2), k2)
-        return F.adaptive_avg_pool2d(f, self.kernel_size).flatten(2)
+            return F.adaptive_avg_pool1d(f.flatten(2), k * k)
+        return F.adaptive_avg_pool2d(f, k).flatten(2)
 
     def forward_context(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled context ``Z = Pool_{K^2}(Conv1x1(X))`` ``(B, C, K^2)``, Eq. (7)."""

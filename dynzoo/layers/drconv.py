@@ -170,8 +170,9 @@ class DynamicResidualConv2d(DynamicConv2dBase):
 
     * ``num_kernels`` K experts (DMF: 8), ``token_dim`` width of the conditioning token (DMF: 192; 0 disables it),
       ``attn_hidden`` hidden width of the attention (default ``token_dim``);
-    * ``expert_scale`` the authors' fixed 0.1 on the expert sum; ``agnostic_kernel=False`` drops ``W_agn`` and
-      initialises the experts like DynamicConv instead of with zeros (the paper's "RCKS off", Table 3);
+    * ``expert_scale`` the authors' fixed 0.1 on the expert sum (default; 1 without ``W_agn``);
+      ``agnostic_kernel=False`` drops ``W_agn`` and initialises the experts like DynamicConv instead of with zeros
+      (the paper's "RCKS off", Table 3: plain dynamic conv with sigmoid attention);
     * ``temperature`` (1 = inference), ``gate`` ``'sigmoid'`` (paper) or ``'softmax'`` (Table 6 ablation),
       ``single_sample_bn`` see :class:`PooledBatchNorm2d`, ``strategy`` the core's execution strategy.
     """
@@ -188,7 +189,7 @@ class DynamicResidualConv2d(DynamicConv2dBase):
             num_kernels: int = 8,
             token_dim: int = 192,
             attn_hidden: Optional[int] = None,
-            expert_scale: float = 0.1,
+            expert_scale: Optional[float] = None,
             agnostic_kernel: bool = True,
             temperature: float = 1.0,
             gate: str = 'sigmoid',
@@ -210,6 +211,8 @@ class DynamicResidualConv2d(DynamicConv2dBase):
             self.static_weight = nn.Parameter(torch.empty(self.weight.shape[1:], **dd))
         else:
             self.register_parameter('static_weight', None)
+        if expert_scale is None:
+            expert_scale = 0.1 if agnostic_kernel else 1.0
         self.expert_scale = float(expert_scale)
         self.kernel_attention = DRKernelAttention(
             in_channels, num_kernels, token_dim, attn_hidden, temperature, gate, single_sample_bn, **dd)

@@ -50,6 +50,7 @@ from timm.layers import to_2tuple
 __all__ = [
     'STRATEGIES', 'aggregate_kernels', 'per_sample_conv2d', 'dynamic_conv2d', 'select_strategy',
     'DynamicConv2dBase', 'set_default_strategy', 'get_default_strategy', 'tile_plan', 'TILE_BYTES',
+    'TRAIN_TILE_BYTES', 'DENSE_TRAIN_RATIO',
 ]
 
 STRATEGIES = ('auto', 'grouped', 'tiled', 'dense', 'bmm', 'loop')
@@ -57,6 +58,11 @@ _DEFAULT_STRATEGY = ['auto']
 # bytes of aggregated kernel per tile of the 'tiled' strategy: the per-core L2 of the machine it was tuned on.
 # Eager code reads this module attribute at call time (so it can be tuned); TorchScript uses the default.
 TILE_BYTES = 2 * 1024 * 1024
+# the same in training, where autograd overhead per tile favours fewer, larger tiles (measured, docs/performance.md)
+TRAIN_TILE_BYTES = 8 * 1024 * 1024
+# training uses 'dense' where one output channel's kernel is this many times its output map (see select_strategy;
+# the default of its ``dense_train_ratio`` argument, a literal there so that TorchScript compiles it)
+DENSE_TRAIN_RATIO = 64
 
 
 def set_default_strategy(strategy: str) -> None:
@@ -234,8 +240,8 @@ def _tiled_dynamic_conv2d(
     return row_tiles[0] if len(row_tiles) == 1 else torch.cat(row_tiles, 1)
 
 
-def _tile_bytes() -> int:
-    return int(TILE_BYTES)
+def _tile_bytes(training: bool) -> int:
+    return int(TRAIN_TILE_BYTES if training else TILE_BYTES)
 
 
 def _is_exporting() -> bool:
@@ -256,22 +262,35 @@ def select_strategy(
         out_hw: Tuple[int, int],
         has_spatial: bool,
         training: bool,
+        dense_train_ratio: int = 64,
 ) -> str:
-    """Pick the fastest exact strategy for one layer call.
+    """Pick the fastest exact strategy for one layer call (a pure function of the layer's geometry and mode).
 
-    Crossover points measured on 2 CPU threads (``docs/performance.md``, ``../shared/notes``): at batch 1 the
-    aggregated kernel is a plain conv, so ``'grouped'`` always wins. For larger batches the per-sample kernels
-    (``B * C_out * C_in/g * kh * kw`` values) dwarf the activations in the deep stages, where the dense-K form
-    keeps dense-conv speed; it pays ``K`` times the FLOPs, so it only wins when the per-sample kernel is much
-    larger than the output it produces (ratio measured: ~16 in eval, ~6 in training, for K = 4).
+    Rules, from the crossover points measured on a shared 2-core CPU (``docs/performance.md``, 'Dispatcher'):
+
+    1. ``num_kernels == 1`` without spatial attention: ``'dense'`` -- the bank is a single kernel, so the dense
+       form is the static conv plus a per-sample scale, with no aggregation at all.
+    2. training, no spatial attention, and a per-sample kernel at least ``dense_train_ratio`` (default
+       :data:`DENSE_TRAIN_RATIO`, 64) times larger
+       than the output it produces (``C_in/g*kh*kw / (H'*W')``; ResNet-18 stage 4 = 94, stage 3 = 11.8):
+       ``'dense'``. Its time is on a par with ``'tiled'`` there (4.0x vs 3.9x the static conv, batch 32), but
+       autograd keeps ``K`` outputs (12.8 MB at 512->512, 7x7, batch 32) instead of ``B`` per-sample kernels
+       (300 MB).
+    3. everything else: ``'tiled'``. When all per-sample kernels fit one tile it is exactly ``'grouped'`` (one
+       grouped conv); in deep layers it is 1.7-3x faster than ``'grouped'`` and 1.6-2.7x faster than
+       ``'dense'`` in eval (batch 32: 256->256 14x14 1.48x vs 2.45x / 3.98x the static conv; 512->512 7x7
+       2.5x vs 7.5x / 4.3x). Pointwise layers run their tiles as batched matmuls.
+
+    ``batch`` is kept in the signature for callers and future rules: no measured crossover depended on it beyond
+    what the tile plan (:func:`tile_plan`) already adapts.
     """
-    if has_spatial or batch == 1 or groups != 1:
-        return 'grouped'
-    kernel_elems = out_channels * in_channels * kernel_size[0] * kernel_size[1]
-    out_elems = out_channels * out_hw[0] * out_hw[1]
-    ratio = kernel_elems / max(1, out_elems)
-    threshold = (6.0 if training else 16.0) * num_kernels / 4.0
-    return 'dense' if ratio > threshold else 'grouped'
+    if num_kernels == 1 and not has_spatial:
+        return 'dense'
+    if training and not has_spatial:
+        kernel_row = (in_channels // groups) * kernel_size[0] * kernel_size[1]
+        if kernel_row >= dense_train_ratio * max(1, out_hw[0] * out_hw[1]):
+            return 'dense'
+    return 'tiled'
 
 
 def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -333,9 +352,10 @@ def dynamic_conv2d(
             y = y + agg_bias.to(y.dtype).reshape(batch, c_out, 1, 1)
     elif strategy == 'tiled':
         agg_bias = _aggregate_bias(bias, kernel_attn, static_bias, batch)
-        budget = 2 * 1024 * 1024
+        training = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
+        budget = 8 * 1024 * 1024 if training else 2 * 1024 * 1024
         if not torch.jit.is_scripting():
-            budget = _tile_bytes()
+            budget = _tile_bytes(training)
         y = _tiled_dynamic_conv2d(
             x, weight, kernel_attn, spatial_attn, static_weight, agg_bias, stride, padding, dilation, groups, budget)
     else:
@@ -532,8 +552,9 @@ def select_depthwise_strategy(batch: int, channels: int, hw: Tuple[int, int], tr
     ==========  ===================  ===================  ===================
 
     Inside a whole ATConv layer (1x1 convs and pooling included) the gap shrinks to 1.05-3.66x (shift),
-    1.06-4.00x (unfold), ~1.0-1.74x (loop). No shape favoured another strategy, so there is no crossover to
-    dispatch on; the arguments are kept so a faster kernel (e.g. a GPU one) can be dispatched here by shape.
+    1.06-4.00x (unfold), 1.03-1.74x (loop; two train B=1 rows read 0.69x / 0.85x, noise of the shared machine:
+    at B=1 ``loop`` runs the very same single conv). No shape favoured another strategy, so there is no crossover
+    to dispatch on; the arguments are kept so a faster kernel (e.g. a GPU one) can be dispatched here by shape.
     """
     return 'grouped'
 

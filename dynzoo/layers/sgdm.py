@@ -83,7 +83,7 @@ def razor_split(x: torch.Tensor, num_intrinsic: int) -> Tuple[torch.Tensor, torc
 
 
 def strip_to_square(weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """The paper's ``psi`` (Eq. 10): reshape a ``(O, I, k*k, 1)`` or ``(O, I, 1, k*k)`` strip kernel to ``(O, I, k, k)``.
+    """The paper's ``psi`` (Eq. 10): reshape a ``(O, I, k*k, 1)`` or ``(O, I, 1, k*k)`` strip to ``(O, I, k, k)``.
 
     [PROPOSED, S4] Row-major: tap ``t`` goes to ``(t // k, t % k)``.
     """
@@ -97,7 +97,8 @@ def strip_to_square(weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
 def static_guide(weight_h: torch.Tensor, weight_w: torch.Tensor, num_channels: int, kernel_size: int) -> torch.Tensor:
     """Eq. 10's guide ``S = psi(W_h) + psi(W_w)`` on the leading ``c_i x c_i`` sub-blocks -> ``(c_i, c_i, k, k)``.
 
-    [PROPOSED, S3] The static kernels are ``c x c``, the dynamic kernel ``c_i x c_i``: the leading sub-block is used.
+    [PROPOSED, S3] The static kernels are ``c x c``, the dynamic kernel ``c_i x c_i``: the leading sub-block is
+    used.
     """
     return (strip_to_square(weight_h[:num_channels, :num_channels], kernel_size)
             + strip_to_square(weight_w[:num_channels, :num_channels], kernel_size))

@@ -200,7 +200,8 @@ class AttNet(nn.Module):
             raise ValueError(f'depths {tuple(depths)}, dims {tuple(dims)} and exp_rates {tuple(exp_rates)} must be '
                              'non-empty and of equal length')
         if any(d < 1 for d in depths) or any(c < 2 for c in dims):
-            raise ValueError(f'every stage needs depth >= 1 and dim >= 2, got depths {tuple(depths)}, dims {tuple(dims)}')
+            raise ValueError(
+                f'every stage needs depth >= 1 and dim >= 2, got depths {tuple(depths)}, dims {tuple(dims)}')
         kernel_sizes = (kernel_size,) * num_stages if isinstance(kernel_size, int) else tuple(kernel_size)
         if len(kernel_sizes) != num_stages:
             raise ValueError(f'kernel_size needs one entry per stage ({num_stages}), got {kernel_size}')
@@ -220,7 +221,8 @@ class AttNet(nn.Module):
         self.downsample_layers = nn.ModuleList(
             [stem] + [_conv_bn(dims[i - 1], dims[i], dd) for i in range(1, num_stages)])
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()  # as the authors; cpu even under a meta device context
+        # the authors' linear rule; on cpu even under a meta device context
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         stages = []
         self.feature_info = []
         cur = 0
@@ -364,6 +366,8 @@ class AttNet(nn.Module):
         """Exact inference form, in place (eval mode): conv+BN folds in the stem and downsampling layers,
         LayerScale folded into the output projections, pool-first ATConv context. Not trainable as the paper's
         network afterwards (its state dict no longer has the authors' keys)."""
+        if self.training:
+            raise RuntimeError('AttNet.reparameterize folds BatchNorm running statistics: call model.eval() first')
         for i, layer in enumerate(self.downsample_layers):
             if i == 0 and isinstance(layer[0], nn.Sequential):
                 layer[0] = _fuse_conv_bn(layer[0])
@@ -460,13 +464,20 @@ default_cfgs = generate_dynzoo_cfgs({
 # What the paper (Tab. I / III) and the authors' code state; tests compute ours and compare.
 _SRC_PAPER = 'paper Tab. III (params, FLOPs at 224, fvcore train mode); exact count: authors\' code'
 _SRC_CODE = 'authors\' code only (models/AttNet.py); not in the paper'
-register_model_info('attnet_xxs', 'attnet', paper_params=2_853_556, paper_macs=None, paper_top1=None, source=_SRC_CODE)
-register_model_info('attnet_xs', 'attnet', paper_params=5_554_902, paper_macs=None, paper_top1=None, source=_SRC_CODE)
-register_model_info('attnet_s', 'attnet', paper_params=7_681_316, paper_macs=None, paper_top1=None, source=_SRC_CODE)
-register_model_info('attnet_t1', 'attnet', paper_params=13_714_900, paper_macs=2.4e9, paper_top1=82.8, source=_SRC_PAPER)
-register_model_info('attnet_t2', 'attnet', paper_params=27_010_782, paper_macs=5.1e9, paper_top1=84.4, source=_SRC_PAPER)
-register_model_info('attnet_t3', 'attnet', paper_params=49_175_682, paper_macs=9.4e9, paper_top1=85.3, source=_SRC_PAPER)
-register_model_info('attnet_t4', 'attnet', paper_params=87_320_214, paper_macs=16.7e9, paper_top1=85.6, source=_SRC_PAPER)
+register_model_info('attnet_xxs', 'attnet', paper_params=2_853_556,
+                    paper_macs=None, paper_top1=None, source=_SRC_CODE)
+register_model_info('attnet_xs', 'attnet', paper_params=5_554_902,
+                    paper_macs=None, paper_top1=None, source=_SRC_CODE)
+register_model_info('attnet_s', 'attnet', paper_params=7_681_316,
+                    paper_macs=None, paper_top1=None, source=_SRC_CODE)
+register_model_info('attnet_t1', 'attnet', paper_params=13_714_900,
+                    paper_macs=2.4e9, paper_top1=82.8, source=_SRC_PAPER)
+register_model_info('attnet_t2', 'attnet', paper_params=27_010_782,
+                    paper_macs=5.1e9, paper_top1=84.4, source=_SRC_PAPER)
+register_model_info('attnet_t3', 'attnet', paper_params=49_175_682,
+                    paper_macs=9.4e9, paper_top1=85.3, source=_SRC_PAPER)
+register_model_info('attnet_t4', 'attnet', paper_params=87_320_214,
+                    paper_macs=16.7e9, paper_top1=85.6, source=_SRC_PAPER)
 
 
 @register_model

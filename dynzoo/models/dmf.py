@@ -32,7 +32,6 @@ broadcast over the grid as ``d`` extra channels, so that the head's global pooli
 (strides 2, 4, 8, 16, 32; the detectors use the last four). ``frozen_blocks=4`` freezes DMF blocks 0-3 as the
 authors' detection setting (mmdet ``frozen_stages=1``) does.
 """
-import math
 from functools import partial
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -40,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import Attention, DropPath, Mlp, SelectAdaptivePool2d, trunc_normal_
+from timm.layers import Attention, DropPath, Mlp, SelectAdaptivePool2d, register_notrace_function, trunc_normal_
 from timm.models import register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -60,7 +59,8 @@ register_family(
 
 def dmf_temperature(iteration: int, iters_per_epoch: int, t0: float = 30.0, anneal_epochs: int = 10) -> float:
     """The authors' kernel-attention temperature: ``1 + max(0, (t0 - 1)(N - n) / N)``, ``N = anneal_epochs *
-    iters_per_epoch``, ``n`` the 1-based global iteration (spec §1.1); the same line as ``dynzoo.linear_temperature``."""
+    iters_per_epoch``, ``n`` the 1-based global iteration (spec §1.1); the same line as
+    ``dynzoo.linear_temperature``."""
     if iters_per_epoch < 1 or anneal_epochs < 1:
         raise ValueError('iters_per_epoch and anneal_epochs must be >= 1')
     return linear_temperature(iteration / float(anneal_epochs * iters_per_epoch), t0, 1.0)
@@ -391,7 +391,8 @@ class DMFBlock(nn.Module):
 
 class DMFFinalBlock(nn.Module):
     """After the last block (spec §1.8): Mobile->Former and Former update the tokens, then
-    ``GELU(BN(DYR-1x1(x, z)))`` widens the map (authors' ``end_mobile2former``, ``end_former``, ``channel_conv``, ``bn``)."""
+    ``GELU(BN(DYR-1x1(x, z)))`` widens the map (the authors' ``end_mobile2former``, ``end_former``,
+    ``channel_conv``, ``bn``)."""
 
     def __init__(self, in_chs: int, out_chs: int, num_heads: int, token_dim: int = 192, former_mlp_ratio: float = 2.,
                  drop: float = 0., drop_path_m2f: float = 0., drop_path_former: float = 0.,
@@ -494,6 +495,13 @@ class DMFHead(nn.Module):
 
 # ------------------------------------------------------------------------------------------------------------- model
 
+@register_notrace_function
+def check_image_input(x: torch.Tensor) -> None:
+    """A clear error for non-image input (an FX leaf: torch.fx only wraps public module-level functions)."""
+    if x.dim() != 4:
+        raise ValueError(f'DynamicMobileFormer expects a 4-D input (B, C, H, W), got shape {tuple(x.shape)}')
+
+
 BlockCfg = Tuple[int, int, int, int]  # (out_chs, hidden_chs, stride, mobile->former heads)
 
 
@@ -523,6 +531,7 @@ class DynamicMobileFormer(nn.Module):
             single_sample_bn: str = 'running',
             dyr_strategy: str = 'auto',
             frozen_blocks: int = 0,
+            dyr_kwargs: Optional[Dict[str, Any]] = None,
             device=None,
             dtype=None,
     ):
@@ -533,7 +542,9 @@ class DynamicMobileFormer(nn.Module):
         of every kernel attention (1 = inference; training anneals 30 -> 1, :func:`dmf_temperature`),
         ``single_sample_bn`` batch-1 training behaviour of the kernel-attention BN (``'running'`` or ``'error'``),
         ``dyr_strategy`` the dynamic-conv execution strategy, ``frozen_blocks`` number of leading DMF blocks frozen
-        (parameters and BN statistics; the authors' detection setting is 4).
+        (parameters and BN statistics; the authors' detection setting is 4), ``dyr_kwargs`` extra arguments of every
+        :class:`~dynzoo.layers.drconv.DynamicResidualConv2d` (the paper's ablations, e.g. Table 3 "AFKA off":
+        ``dict(token_dim=0, attn_hidden=30)``, "RCKS off": ``dict(agnostic_kernel=False)``; Table 6: ``gate``).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -547,9 +558,11 @@ class DynamicMobileFormer(nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.frozen_blocks = frozen_blocks
-        dyr_layer = partial(
-            DynamicResidualConv2d, num_kernels=num_kernels, token_dim=token_dim, temperature=kernel_temperature,
+        dyr_args = dict(
+            num_kernels=num_kernels, token_dim=token_dim, temperature=kernel_temperature,
             single_sample_bn=single_sample_bn, strategy=dyr_strategy)
+        dyr_args.update(dyr_kwargs or {})
+        dyr_layer = partial(DynamicResidualConv2d, **dyr_args)
 
         self.tokens = nn.Parameter(torch.randn(1, num_tokens, token_dim, **dd))
         self.stem = ConvBnAct(in_chans, stem_chs, 3, 2, bias=True, **dd)
@@ -559,22 +572,20 @@ class DynamicMobileFormer(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, len(block_cfgs) + 2, device='cpu').tolist()
         blocks = []
         in_chs = lite_chs[1]
-        reduction = 2
         for i, (out_chs, hidden_chs, stride, heads) in enumerate(block_cfgs):
             blocks.append(DMFBlock(
                 in_chs, hidden_chs, out_chs, stride, heads, groups, ffn_ratio, token_dim, former_mlp_ratio,
                 drop_rate, dpr[i], grn_compat, dyr_layer, **dd))
-            reduction *= stride
             in_chs = out_chs
         self.blocks = nn.ModuleList(blocks)
         # feature taps: the last block before each downsampling and the last block (blocks 1, 3, 7, 10 in DMF)
         self.tap_blocks: List[int] = [
             i for i in range(len(block_cfgs)) if i == len(block_cfgs) - 1 or block_cfgs[i + 1][2] > 1]
-        red = 2
+        reduction = 2
         for i, (out_chs, _, stride, _) in enumerate(block_cfgs):
-            red *= stride
+            reduction *= stride
             if i in self.tap_blocks:
-                self.feature_info.append(dict(num_chs=out_chs, reduction=red, module=f'blocks.{i}'))
+                self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'blocks.{i}'))
 
         self.final_block = DMFFinalBlock(
             in_chs, final_chs, block_cfgs[-1][3], token_dim, former_mlp_ratio, drop_rate, dpr[-2], dpr[-1],
@@ -671,6 +682,8 @@ class DynamicMobileFormer(nn.Module):
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         intermediates: List[torch.Tensor] = []
+        if not torch.jit.is_scripting():
+            check_image_input(x)
         x = self.lite_bottleneck(self.stem(x))
         if 0 in take_indices:
             intermediates.append(x)
@@ -709,8 +722,9 @@ class DynamicMobileFormer(nn.Module):
             self.final_block = None
             self.num_features = self.feature_info[max_index]['num_chs']
             num_classes = 0 if prune_head else self.num_classes
-            self.head = DMFHead(self.num_features, 0, num_classes, '' if prune_head else 'avg',
-                                0. if prune_head else self.drop_rate, device=self.tokens.device, dtype=self.tokens.dtype)
+            self.head = DMFHead(
+                self.num_features, 0, num_classes, '' if prune_head else 'avg', 0. if prune_head else self.drop_rate,
+                device=self.tokens.device, dtype=self.tokens.dtype)
             self.head.train(self.training)
             self.num_classes = num_classes
             self.head_hidden_size = self.head.pre_logits_size()
@@ -719,6 +733,8 @@ class DynamicMobileFormer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_final + d, H/32, W/32)``: the final map with the first token broadcast as ``d`` extra channels."""
+        if not torch.jit.is_scripting():
+            check_image_input(x)
         x = self.lite_bottleneck(self.stem(x))
         tokens = self.tokens.expand(x.shape[0], -1, -1)
         for blk in self.blocks:

@@ -53,8 +53,8 @@ def _yolo_conv(in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1,
 
 
 def _fold_conv_norm_acts(module: nn.Module) -> None:
-    """Fold the BN of every ``ConvNormAct`` inside ``module`` into its conv (the SiLU stays), skipping SGDMs (they
-    fold themselves)."""
+    """Fold the BN of every ``ConvNormAct`` inside ``module`` into its conv (the SiLU stays). SGDMs hold no
+    ``ConvNormAct``: they fold themselves (``SGDM.reparameterize``)."""
     for m in module.modules():
         if isinstance(m, ConvNormAct):
             fold_batchnorm(m, 'conv', 'bn')
@@ -411,6 +411,10 @@ class SGDMResNet(ResNet):
     def reparameterize(self) -> None:
         """Fold the stem BN; blocks and SGDMs fold their own (as the dynamic_resnet hosts)."""
         fold_batchnorm(self, 'conv1', 'bn1')
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
 
     def _stages(self) -> List[Tuple[nn.Module, nn.Module]]:
         return [(self.layer1, self.sgdm1), (self.layer2, self.sgdm2), (self.layer3, self.sgdm3),

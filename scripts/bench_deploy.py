@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""CPU deployment benchmark: training form vs ``dynzoo.reparameterize`` vs onnxruntime, in one run.
+
+For each model: eval latency at batch 1 (median ms) and throughput at batch 32 (images/s), for
+
+* ``train form``  -- ``timm.create_model(name).eval()`` under ``torch.inference_mode()``;
+* ``reparam``     -- ``dynzoo.reparameterize(model)``, same PyTorch runtime;
+* ``onnxruntime`` -- the reparameterized model exported with a dynamic batch axis (``dynzoo.export.export_onnx``),
+  run by onnxruntime's CPU provider with the same thread count.
+
+The three forms are timed round-robin (one call of each per round), so load from other processes hits them
+alike; every figure in the table is a ratio to the training form of the same model in the same run. Outputs of the
+three forms are compared too (``max|diff|`` relative to ``max|logits|``).
+
+Usage::
+
+    python scripts/bench_deploy.py                       # one model per family, 160x160, 2 threads
+    python scripts/bench_deploy.py --models fmdconv_resnet18 --img-size 224 --markdown
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+import timm
+
+import dynzoo
+from dynzoo.export import export_onnx, onnxruntime_session
+
+DEFAULT_SMALL_HINTS = ('mobilenetv2_050', 'xxs', 'cspdarknet_n', 'resnet18', 't1', 'xs')
+
+
+def one_per_family():
+    from dynzoo.models import MODEL_INFO
+
+    def rank(name):
+        return next((i for i, h in enumerate(DEFAULT_SMALL_HINTS) if h in name), len(DEFAULT_SMALL_HINTS)), name
+    best = {}
+    for name in dynzoo.list_dynzoo_models():
+        fam = MODEL_INFO[name]['family']
+        if fam not in best or rank(name) < rank(best[fam]):
+            best[fam] = name
+    return sorted(best.values())
+
+
+def _round_robin(fns, rounds, warmup):
+    """Median seconds per call of each fn, calls interleaved round by round."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            f()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def bench_model(name, img_size, threads, rounds1, rounds32, batch, tmpdir):
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    cfg_size = model.pretrained_cfg['input_size']
+    size = (cfg_size[0], img_size, img_size)
+    fused = dynzoo.reparameterize(model)
+    path = os.path.join(tmpdir, f'{name}.onnx')
+    t0 = time.perf_counter()
+    export_onnx(fused, path, size, batch_size=2, exporter='torchscript')
+    export_s = time.perf_counter() - t0
+    session = onnxruntime_session(path, threads)
+    in_name = session.get_inputs()[0].name
+
+    row = {'model': name}
+    for b, rounds in ((1, rounds1), (batch, rounds32)):
+        x = torch.randn((b,) + size)
+        xn = x.numpy()
+
+        def run_train():
+            with torch.inference_mode():
+                return model(x)
+
+        def run_fused():
+            with torch.inference_mode():
+                return fused(x)
+
+        def run_ort():
+            return session.run(None, {in_name: xn})[0]
+
+        ref = run_train()
+        scale = max(1.0, float(ref.abs().max()))
+        row[f'diff_reparam_b{b}'] = float((run_fused() - ref).abs().max()) / scale
+        row[f'diff_onnx_b{b}'] = float((torch.from_numpy(run_ort()) - ref).abs().max()) / scale
+        t_train, t_fused, t_ort = _round_robin([run_train, run_fused, run_ort], rounds, warmup=1)
+        row[f't_train_b{b}'] = t_train
+        row[f't_fused_b{b}'] = t_fused
+        row[f't_ort_b{b}'] = t_ort
+    row['export_s'] = export_s
+    return row
+
+
+def format_rows(rows, batch, markdown=True):
+    cols = ['model', 'b1 train ms', 'b1 reparam', 'b1 onnxrt', f'b{batch} train img/s', f'b{batch} reparam',
+            f'b{batch} onnxrt', 'max rel diff']
+    lines = []
+    if markdown:
+        lines.append('| ' + ' | '.join(cols) + ' |')
+        lines.append('|' + '|'.join(['---'] * len(cols)) + '|')
+    for r in rows:
+        if 'error' in r:
+            lines.append(f"| {r['model']} | error: {r['error']} |" + ' |' * (len(cols) - 2))
+            continue
+        diff = max(r[k] for k in r if k.startswith('diff_'))
+        cells = [
+            r['model'],
+            f"{1000 * r['t_train_b1']:.1f}",
+            f"{r['t_train_b1'] / r['t_fused_b1']:.2f}x",
+            f"{r['t_train_b1'] / r['t_ort_b1']:.2f}x",
+            f"{batch / r[f't_train_b{batch}']:.1f}",
+            f"{r[f't_train_b{batch}'] / r[f't_fused_b{batch}']:.2f}x",
+            f"{r[f't_train_b{batch}'] / r[f't_ort_b{batch}']:.2f}x",
+            f'{diff:.1e}',
+        ]
+        lines.append(('| ' + ' | '.join(cells) + ' |') if markdown else '  '.join(cells))
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--models', nargs='*', default=None, help='default: the smallest model of each family')
+    parser.add_argument('--all', action='store_true', help='every registered model')
+    parser.add_argument('--img-size', type=int, default=160)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--batch', type=int, default=32)
+    parser.add_argument('--rounds1', type=int, default=15, help='timed rounds at batch 1')
+    parser.add_argument('--rounds32', type=int, default=3, help='timed rounds at the large batch')
+    parser.add_argument('--markdown', action='store_true')
+    args = parser.parse_args(argv)
+    warnings.filterwarnings('ignore')
+    torch.set_num_threads(args.threads)
+    names = dynzoo.list_dynzoo_models() if args.all else (args.models or one_per_family())
+    print(f'# torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads, '
+          f'{args.img_size}x{args.img_size}, batch 1 / {args.batch}; speed-ups are ratios to the training form '
+          f'(latency at batch 1, throughput at batch {args.batch})', flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        for name in names:
+            try:
+                row = bench_model(name, args.img_size, args.threads, args.rounds1, args.rounds32, args.batch, tmpdir)
+            except Exception as e:  # keep going; the table says which model failed and why
+                row = {'model': name, 'error': f'{type(e).__name__}: {str(e)[:120]}'}
+            rows.append(row)
+            print(format_rows([row], args.batch, markdown=False), flush=True)
+    print()
+    print(format_rows(rows, args.batch, markdown=True if args.markdown else True))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
