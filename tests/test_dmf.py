@@ -247,6 +247,14 @@ def test_parity_with_authors_checkpoint(tmp_path):
     print(f'dmf_xxs parity: max|diff| = {max_diff:.3e} (tolerance {tol:.3e}, max|logits| {ref.abs().max():.2f})')
     assert max_diff <= tol
     assert (out.argmax(1) == ref.argmax(1)).all()
+    # the same file makes a detection backbone (the authors' RetinaNet / Mask R-CNN levels)
+    backbone = timm.create_model('dmf_xxs', pretrained=True, features_only=True, out_indices=(1, 2, 3, 4),
+                                 pretrained_cfg_overlay=dict(file=str(path))).eval()
+    small = x[:, :, :64, :64]
+    with torch.no_grad():
+        expected = model.forward_intermediates(small, indices=[1, 2, 3, 4], intermediates_only=True)
+        for f, e in zip(backbone(small), expected):
+            torch.testing.assert_close(f, e, rtol=0, atol=0)
 
 
 def test_checkpoint_filter_variants():

@@ -18,7 +18,7 @@ import dynzoo
 from dynzoo.export import check_onnx, cli_main, export_onnx, export_torchscript, per_sample_conv2d_gemm
 from dynzoo.layers.dynamic import DynamicConv2dBase, aggregate_kernels, per_sample_conv2d
 
-from test_reparam import EDGE_MODEL, MODELS, RTOL, build, close, input_size, one_per_family
+from test_reparam import EDGE_MODEL, MODELS, RTOL, build, close, fp32_noise, input_size, one_per_family
 
 pytest.importorskip('onnxruntime')
 
@@ -56,7 +56,12 @@ def test_onnx_dynamic_batch_matches_pytorch(name, tmp_path):
     size = input_size(model)
     path = export_onnx(model, str(tmp_path / f'{name}.onnx'), size, batch_size=2, exporter='torchscript')
     worst = check_onnx(model, path, size, batch_sizes=(1, 3))
-    assert worst <= RTOL, f'{name}: onnxruntime differs from PyTorch by {worst:.3g} (relative)'
+    x = torch.randn((3,) + size)
+    with torch.no_grad():
+        floor = fp32_noise(model, x) / max(1.0, float(model(x).abs().max()))
+    tol = max(RTOL, 8 * floor)  # see test_reparam.fp32_noise: ill-conditioned models cannot do better in fp32
+    print(f'{name}: onnxruntime max|diff|/max(1,|logits|) {worst:.2e} (fp32 floor {floor:.2e})')
+    assert worst <= tol, f'{name}: onnxruntime differs from PyTorch by {worst:.3g} (relative; tolerance {tol:.3g})'
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -66,7 +71,7 @@ def test_torchscript_matches_pytorch(name):
     x = torch.randn((2,) + input_size(model))
     with torch.no_grad():
         diff, tol = close(model(x), scripted(x))
-    assert diff <= tol, f'{name}: TorchScript differs by {diff:.3g}'
+    assert diff <= max(tol, 8 * fp32_noise(model, x)), f'{name}: TorchScript differs by {diff:.3g}'
 
 
 def _first_dynamic_layer(model, x):
@@ -102,7 +107,7 @@ def test_torch_compile(name):
     with torch.no_grad():
         diff, tol = close(model(x), compiled(x))
     torch._dynamo.reset()
-    assert diff <= tol, f'{name}: torch.compile differs by {diff:.3g}'
+    assert diff <= max(tol, 8 * fp32_noise(model, x)), f'{name}: torch.compile differs by {diff:.3g}'
 
 
 @pytest.mark.slow

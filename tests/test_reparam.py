@@ -74,6 +74,8 @@ def randomize_norms(model, seed=0, size=None):
         model.train(was_training)
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
+            if m.running_var is not None:  # dead channels (var ~ 0) would amplify rounding ~300x per layer
+                m.running_var.clamp_(min=0.05)
     for m in norms:
         n = m.num_features
         if size is None and m.running_mean is not None:
@@ -108,6 +110,17 @@ def _count_bn(model):
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+@torch.no_grad()
+def fp32_noise(model, x):
+    """``max|fp32 - fp64|`` of ``model`` on ``x``: the rounding floor no fp32 comparison can beat.
+
+    For well-conditioned models it is far below ``1e-4 * max|logits|``; where a family's model amplifies rounding
+    (e.g. DynamicConv ResNets with calibrated random weights: ~6e-4 relative) the fp32 tolerance becomes
+    ``8 x`` this floor, and exactness is asserted in float64 instead.
+    """
+    return float((model(x).double() - copy.deepcopy(model).double()(x.double())).abs().max())
+
+
 @pytest.mark.parametrize('name', MODELS)
 def test_reparameterize_is_exact(name):
     model = fresh(name)
@@ -118,14 +131,25 @@ def test_reparameterize_is_exact(name):
         out = fused(x)
         timm_fused = timm.utils.reparameterize_model(model)
         timm_out = timm_fused(x)
+        # exactness in float64, independent of how much the model amplifies fp32 rounding
+        model64 = copy.deepcopy(model).double()
+        ref64 = model64(x.double())
+        out64 = dynzoo.reparameterize(model64)(x.double())
+    diff64 = float((ref64 - out64).abs().max())
+    assert diff64 <= 1e-8 * max(1.0, float(ref64.abs().max())), f'{name}: float64 reparameterize differs by {diff64:.3g}'
+    noise = float((ref.double() - ref64).abs().max())
     diff, tol = close(ref, out)
+    tol = max(tol, 8 * noise)
     assert diff <= tol, f'{name}: dynzoo.reparameterize changed the output by {diff:.3g} (tolerance {tol:.3g})'
-    diff, tol = close(ref, timm_out)
+    diff = float((ref - timm_out).abs().max())
     assert diff <= tol, f'{name}: timm reparameterize_model changed the output by {diff:.3g} (tolerance {tol:.3g})'
     assert is_reparameterized(fused) and not is_reparameterized(model)
     assert _count_bn(fused) <= _count_bn(timm_fused) <= _count_bn(model)
     if isinstance(model, (DynamicResNet, DynamicMobileNetV2)):  # the hosts fold every BatchNorm they hold
         assert _count_bn(fused) == 0, f'{name}: {_count_bn(fused)} BatchNorms left after reparameterize'
+    print(f'{name}: max|diff| fp32 {float((ref - out).abs().max()):.2e} (fp32 floor {noise:.2e}, '
+          f'max|logits| {float(ref.abs().max()):.3g}), fp64 {diff64:.2e}, BatchNorms {_count_bn(model)} -> '
+          f'{_count_bn(fused)} (timm path {_count_bn(timm_fused)})')
 
 
 @pytest.mark.parametrize('name', one_per_family())

@@ -1,0 +1,153 @@
+"""The weights index: the shipped index follows the schema of docs/weights.md, every listed model exists, and the
+validator refuses entries that break the schema (so it can fail)."""
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import timm
+from timm.models import get_arch_pretrained_cfgs
+
+import dynzoo
+from dynzoo import hub
+from dynzoo.publish import IndexValidationError, update_index, validate_entry, validate_index
+
+DOCS = Path(__file__).resolve().parents[1] / 'docs' / 'weights.md'
+
+GOOD_PUBLISHED = {
+    'model': 'fmdconv_resnet18', 'tag': 'in1k', 'status': 'published',
+    'hf_hub_id': 'dynzoo/fmdconv_resnet18.in1k', 'filename': 'model.safetensors',
+    'sha256': 'ab' * 32, 'size': 180_000_000,
+    'source': {'type': 'converted', 'repo': 'tianyu00824/FMDConv', 'url': 'https://github.com/tianyu00824/FMDConv',
+               'commit': 'b1c6d7717bdaf836a9594323b37c4da5b5036ddf'},
+    'dataset': {'name': 'imagenet-1k'},
+    'metrics': [{'name': 'top1', 'value': 73.21, 'protocol': 'ImageNet-1k val, 224 center crop 0.875',
+                 'measured_by': 'authors'}],
+    'license': 'unknown',
+}
+GOOD_NOT_MIRRORED = {
+    'model': 'attnet_t1', 'tag': 'in1k', 'status': 'not_mirrored',
+    'source': {'type': 'authors_release', 'repo': 'price112/Attentive-Convolution',
+               'url': 'https://github.com/price112/Attentive-Convolution'},
+    'dataset': {'name': 'imagenet-1k'},
+    'metrics': [],
+    'license': 'mit',
+}
+GOOD_TRAINED = {
+    'model': 'attnet_xxs', 'tag': 'digits', 'status': 'published',
+    'hf_hub_id': 'dynzoo/attnet_xxs.digits', 'filename': 'model.safetensors', 'sha256': 'cd' * 32, 'size': 10_000,
+    'source': {'type': 'trained', 'recipe': 'attnet_xxs_digits', 'dynzoo_version': dynzoo.__version__},
+    'dataset': {'name': 'sklearn/digits'},
+    'metrics': [{'name': 'top1', 'value': 97.5, 'protocol': 'digits val split seed 0', 'measured_by': 'dynzoo'}],
+    'license': 'mit',
+}
+
+
+def _shipped_index():
+    return json.loads((Path(dynzoo.__file__).parent / 'weights_index.json').read_text())
+
+
+def test_shipped_index_follows_schema():
+    index = _shipped_index()
+    validate_index(index)  # schema string, every entry, models registered, no duplicates
+
+
+def test_shipped_index_entries_are_loadable_names():
+    """Every entry names a registered model AND a registered pretrained tag, so `model.tag` resolves; published
+    entries are exactly the cfgs that carry an hf_hub_id (timm.list_models(pretrained=True) stays truthful)."""
+    for entry in _shipped_index()['entries']:
+        assert timm.is_model(entry['model']), entry['model']
+        tags = get_arch_pretrained_cfgs(entry['model'])
+        assert entry['tag'] in tags, f'{entry["model"]}.{entry["tag"]} is not a registered tag ({list(tags)})'
+        cfg = tags[entry['tag']]
+        if entry['status'] == 'published':
+            assert cfg.hf_hub_id == entry['hf_hub_id']
+        else:
+            assert not cfg.hf_hub_id
+
+
+def test_shipped_not_mirrored_entries_refuse_pretrained():
+    for entry in _shipped_index()['entries']:
+        if entry['status'] == 'not_mirrored':
+            with pytest.raises(hub.PretrainedUnavailableError, match=re.escape(entry['source']['url'])):
+                timm.create_model(entry['model'], pretrained=True, device='meta')
+
+
+@pytest.mark.parametrize('entry', [GOOD_PUBLISHED, GOOD_NOT_MIRRORED, GOOD_TRAINED], ids=lambda e: e['status'])
+def test_validator_accepts_schema_examples(entry):
+    validate_entry(entry)
+
+
+def _mutate(entry, path, value):
+    e = copy.deepcopy(entry)
+    target = e
+    *parents, last = path
+    for p in parents:
+        target = target[p]
+    if value is KeyError:
+        del target[last]
+    else:
+        target[last] = value
+    return e
+
+
+BAD = [
+    (GOOD_PUBLISHED, ('sha256',), KeyError, 'sha256'),
+    (GOOD_PUBLISHED, ('sha256',), 'XYZ', 'sha256'),
+    (GOOD_PUBLISHED, ('size',), 0, 'size'),
+    (GOOD_PUBLISHED, ('size',), True, 'size'),
+    (GOOD_PUBLISHED, ('hf_hub_id',), 'no-org', 'hf_hub_id'),
+    (GOOD_PUBLISHED, ('filename',), 'model.pth', 'filename'),
+    (GOOD_PUBLISHED, ('status',), 'maybe', 'status'),
+    (GOOD_PUBLISHED, ('model',), 'no_such_model_xyz', 'not a registered'),
+    (GOOD_PUBLISHED, ('license',), '', 'license'),
+    (GOOD_PUBLISHED, ('dataset',), KeyError, 'dataset'),
+    (GOOD_PUBLISHED, ('source', 'type'), 'authors_release', 'dynzoo file'),
+    (GOOD_PUBLISHED, ('source', 'url'), 'http://insecure.example', 'https'),
+    (GOOD_PUBLISHED, ('metrics', 0, 'protocol'), '', 'protocol'),
+    (GOOD_PUBLISHED, ('metrics', 0, 'value'), '73.2', 'value'),
+    (GOOD_PUBLISHED, ('metrics', 0, 'measured_by'), 'someone', 'measured_by'),
+    (GOOD_NOT_MIRRORED, ('source', 'type'), 'converted', 'authors_release'),
+    (GOOD_NOT_MIRRORED, ('metrics',), [{'name': 'top1', 'value': 1.0, 'protocol': 'p', 'measured_by': 'dynzoo'}],
+     'measured by dynzoo'),
+    (GOOD_TRAINED, ('source', 'recipe'), KeyError, 'recipe'),
+]
+
+
+@pytest.mark.parametrize('entry,path,value,message', BAD, ids=[f'{b[0]["status"]}-{".".join(map(str, b[1]))}-{i}'
+                                                               for i, b in enumerate(BAD)])
+def test_validator_refuses_bad_entries(entry, path, value, message):
+    with pytest.raises(IndexValidationError, match=message):
+        validate_entry(_mutate(entry, path, value))
+
+
+def test_index_refuses_duplicates_and_wrong_schema():
+    with pytest.raises(IndexValidationError, match='duplicate'):
+        validate_index({'schema': hub.INDEX_SCHEMA, 'entries': [GOOD_PUBLISHED, GOOD_PUBLISHED]})
+    with pytest.raises(IndexValidationError, match='schema'):
+        validate_index({'schema': 'other/1', 'entries': []})
+
+
+def test_update_index_read_modify_write(tmp_path):
+    path = tmp_path / 'index.json'
+    update_index(path, GOOD_NOT_MIRRORED)
+    update_index(path, GOOD_PUBLISHED)
+    replaced = dict(GOOD_PUBLISHED, sha256='ef' * 32)
+    index = update_index(path, replaced)
+    assert [(e['model'], e['tag']) for e in index['entries']] == [('attnet_t1', 'in1k'), ('fmdconv_resnet18', 'in1k')]
+    on_disk = json.loads(path.read_text())
+    assert on_disk == index and on_disk['entries'][1]['sha256'] == 'ef' * 32
+    with pytest.raises(IndexValidationError):
+        update_index(path, dict(GOOD_PUBLISHED, sha256='bad'))
+    assert json.loads(path.read_text()) == index  # a refused entry leaves the file untouched
+
+
+def test_docs_describe_every_schema_field():
+    """docs/weights.md documents the fields the validator enforces."""
+    text = DOCS.read_text()
+    fields = ['model', 'tag', 'status', 'hf_hub_id', 'filename', 'revision', 'sha256', 'size', 'source', 'dataset',
+              'metrics', 'license', 'published', 'not_mirrored', 'trained', 'converted', 'authors_release',
+              'recipe', 'protocol', 'measured_by', 'url', 'repo', 'commit']
+    missing = [f for f in fields if f'`{f}`' not in text]
+    assert not missing, f'docs/weights.md does not document {missing}'
