@@ -12,7 +12,7 @@ backward, no optimizer step; model in train mode), throughput, peak memory, para
 (``--accuracy model=top1``), the FMDConv paper's IES and RCS (``dynzoo.metrics``) are computed from the measured
 train throughput: ``epoch time = N / (images per second)`` with ``N`` images per epoch (default ImageNet's).
 
-Peak memory on CPU is the process's peak resident set size during one (untimed) call above the resident size just
+Peak memory on CPU is the process's peak resident set size during the first (untimed, warm-up) call above the resident size just
 before it: free allocator pages are first returned to the OS (glibc ``malloc_trim``), then Linux's ``VmHWM`` is
 reset through ``/proc/self/clear_refs`` and read after the call. It counts every allocation of the call
 (activations, saved tensors, gradients, temporaries) and is ``n/a`` where the kernel does not offer the reset.
@@ -23,6 +23,7 @@ the dispatcher's choice against the per-sample loop reference and the other stra
 Outputs: ``bench.json``, ``bench.csv``, ``bench.md`` (and ``layers.*``) and ``bench.png`` (needs matplotlib).
 """
 import argparse
+import contextlib
 import copy
 import csv
 import json
@@ -143,23 +144,57 @@ class _PeakMemory:
         return False
 
 
-def _eval_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _autocast(device: torch.device, amp: Optional[str]):
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}[amp])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _eval_fn(model: nn.Module, x: torch.Tensor, amp: Optional[str] = None) -> Callable[[], None]:
     def run():
-        with torch.inference_mode():
+        with torch.inference_mode(), _autocast(x.device, amp):
             model(x)
+        _sync(x.device)
     return run
 
 
-def _train_fn(model: nn.Module, x: torch.Tensor, num_classes: int) -> Callable[[], None]:
-    target = torch.randint(0, max(1, num_classes), (x.shape[0],))
+def _train_fn(model: nn.Module, x: torch.Tensor, num_classes: int, amp: Optional[str] = None) -> Callable[[], None]:
+    target = torch.randint(0, max(1, num_classes), (x.shape[0],), device=x.device)
 
     def run():
         model.zero_grad(set_to_none=True)
-        out = model(x)
-        if out.dim() != 2:
-            out = out.flatten(1)
-        F.cross_entropy(out, target[:out.shape[0]] % out.shape[1]).backward()
+        with _autocast(x.device, amp):
+            out = model(x)
+            if out.dim() != 2:
+                out = out.flatten(1)
+            loss = F.cross_entropy(out.float(), target[:out.shape[0]] % out.shape[1])
+        loss.backward()
+        _sync(x.device)
     return run
+
+
+class _CudaPeakMemory:
+    """Peak CUDA memory allocated during the block above what was allocated before it (MiB)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.value: Optional[float] = None
+
+    def __enter__(self):
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize(self.device)
+        self.value = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2 ** 20
+        return False
 
 
 @dataclass
@@ -208,6 +243,10 @@ def run_benchmark(
         measure_memory: bool = True,
         quiet: bool = False,
         timer: str = 'wall',
+        device: str = 'cpu',
+        amp: Optional[str] = None,
+        channels_last: bool = False,
+        compile_model: bool = False,
 ) -> List[BenchResult]:
     """Benchmark every model of ``models`` beside its static twin and timm counterpart; see the module docstring."""
     import timm  # local: dynzoo.bench is imported by the CLI, keep its import light
@@ -215,6 +254,10 @@ def run_benchmark(
 
     if timer not in ('wall', 'cpu'):
         raise ValueError(f"timer must be 'wall' or 'cpu', got {timer!r}")
+    if amp not in (None, 'bf16', 'fp16'):
+        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    dev = torch.device(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     if threads:
         torch.set_num_threads(threads)
@@ -235,8 +278,9 @@ def run_benchmark(
             static_name = timm_counterpart(name) if with_timm else None
             if static_name is not None:
                 static = timm.create_model(static_name)
+                # the same layers in the same order (the root classes differ: timm ResNet vs dynzoo's host)
                 same_as_twin = twin is not None and count_params(static) == count_params(twin) and \
-                    [type(m) for m in static.modules()] == [type(m) for m in twin.modules()]
+                    [type(m) for m in static.modules()][1:] == [type(m) for m in twin.modules()][1:]
                 if not same_as_twin:
                     variants.append((static_name, 'timm', static, 'n/a'))
                 else:
@@ -248,22 +292,29 @@ def run_benchmark(
             num_classes = getattr(base, 'num_classes', 1000) or 1000
             plan = [('eval', b) for b in batch_sizes] + [('train', b) for b in train_batch_sizes]
             for mode, batch in plan:
-                x = torch.randn(batch, 3, img_size, img_size)
+                x = torch.randn(batch, 3, img_size, img_size, device=dev).contiguous(memory_format=fmt)
                 fns = []
                 for label, role, model, strategy in variants:
+                    model.to(dev)
+                    if channels_last:  # 4-D conv weights only (a dynamic conv's kernel bank is 5-D)
+                        for m in model.modules():
+                            if isinstance(m, nn.Conv2d):
+                                m.to(memory_format=torch.channels_last)
                     model.train(mode == 'train')
-                    fn = _eval_fn(model, x) if mode == 'eval' else _train_fn(model, x, num_classes)
+                    run_model = torch.compile(model) if compile_model else model
+                    fn = _eval_fn(run_model, x, amp) if mode == 'eval' else _train_fn(run_model, x, num_classes, amp)
                     fns.append((label, role, model, strategy, fn))
                 wall: Dict[str, List[float]] = {f[0]: [] for f in fns}
                 cpu: Dict[str, List[float]] = {f[0]: [] for f in fns}
                 mem: Dict[str, Optional[float]] = {}
                 for label, role, model, strategy, fn in fns:
                     set_default_strategy(strategy if strategy != 'n/a' else 'auto')
-                    for _ in range(warmup):
-                        fn()
-                    with _PeakMemory(measure_memory) as pm:
+                    pm_ctx = _CudaPeakMemory(dev) if dev.type == 'cuda' else _PeakMemory(measure_memory)
+                    with pm_ctx as pm:  # the first warm-up call also measures memory
                         fn()
                     mem[label] = pm.value
+                    for _ in range(warmup - 1):
+                        fn()
                 for rep in range(repeats):
                     for label, role, model, strategy, fn in fns:
                         set_default_strategy(strategy if strategy != 'n/a' else 'auto')
@@ -391,6 +442,7 @@ def _fmt(v, digits=2) -> str:
 
 def environment() -> dict:
     return dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+                cuda_device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none',
                 processor=platform.processor() or 'n/a', threads=torch.get_num_threads(),
                 cpu_count=os.cpu_count(), date=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))
 
@@ -530,6 +582,10 @@ def build_parser(prog: str = 'dynzoo bench') -> argparse.ArgumentParser:
                    help='also run the layer benchmark on these models (no name: the first model)')
     p.add_argument('--layer-batch-size', type=int, default=32)
     p.add_argument('--out', default='bench_out', help='output directory')
+    p.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (peak memory: max_memory_allocated)")
+    p.add_argument('--amp', choices=('bf16', 'fp16'), default=None, help='autocast dtype (default: fp32)')
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--compile', action='store_true', help='torch.compile every model')
     p.add_argument('--quiet', action='store_true')
     return p
 
@@ -539,7 +595,8 @@ def cli_main(argv: Optional[Sequence[str]] = None, prog: str = 'dynzoo bench') -
     results = run_benchmark(
         args.models, args.batch_sizes, args.train_batch_sizes, args.img_size, args.repeats, args.warmup,
         args.threads, args.strategies, _parse_accuracy(args.accuracy), args.epoch_images,
-        with_timm=not args.no_timm, measure_memory=not args.no_memory, quiet=args.quiet, timer=args.timer)
+        with_timm=not args.no_timm, measure_memory=not args.no_memory, quiet=args.quiet, timer=args.timer,
+        device=args.device, amp=args.amp, channels_last=args.channels_last, compile_model=args.compile)
     layer_rows: List[dict] = []
     if args.layers is not None:
         for name in (args.layers or args.models[:1]):

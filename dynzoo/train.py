@@ -718,6 +718,8 @@ def _write_results(path: Path, args, history, saver, weights_kind, data_config, 
         'temperature': args.temperature,
         'epochs': args.epochs, 'seed': args.seed, 'world_size': args.world_size,
         'wall_time_s': wall_time,
+        'cpu_time_s': time.process_time(),
+        'threads': torch.get_num_threads(),
         'versions': _versions(),
         'history': history,
     }
