@@ -50,7 +50,7 @@ __all__ = [
 
 DEFAULT_MODELS = ('fmdconv_resnet18', 'odconv_resnet18')
 
-# dynamic model suffix -> timm static counterpart (longest match first)
+# backbone name inside a dynamic model's name -> timm static counterpart
 _COUNTERPARTS = (
     ('mobilenetv2_050', 'mobilenetv2_050'), ('mobilenetv2_075', 'mobilenetv2_075'),
     ('mobilenetv2_100', 'mobilenetv2_100'), ('resnet101', 'resnet101'), ('resnet50', 'resnet50'),
@@ -64,8 +64,10 @@ def timm_counterpart(name: str) -> Optional[str]:
     """The timm static network a dynamic model is compared with (``None`` when there is no obvious one)."""
     if name in _NAMED_COUNTERPARTS:
         return _NAMED_COUNTERPARTS[name]
+    parts = name.split('_')
     for suffix, static in _COUNTERPARTS:
-        if name.endswith(suffix):
+        n = len(suffix.split('_'))
+        if any('_'.join(parts[i:i + n]) == suffix for i in range(len(parts))):
             return static
     return None
 

@@ -23,7 +23,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -224,11 +224,13 @@ def model_card(entry: Mapping[str, Any], config: Mapping[str, Any], num_params: 
     else:
         lines.append('No metric has been measured for these weights.')
     repo = entry.get('hf_hub_id') or f'dynzoo/{model}.{tag}'
+    from timm.models import get_arch_pretrained_cfgs
+    lines += ['', '## Usage', '', '```python', 'import timm, dynzoo',
+              '# the weights come through dynzoo\'s weights index (sha256-checked) once their entry is listed there',
+              f"model = timm.create_model('hf-hub:{repo}', pretrained=True).eval()"]
+    if f'{model}.{tag}' in get_arch_pretrained_cfgs(model):
+        lines.append(f"model = timm.create_model('{model}.{tag}', pretrained=True).eval()  # same weights")
     lines += [
-        '', '## Usage', '', '```python', 'import timm, dynzoo',
-        f"model = timm.create_model('hf-hub:{repo}', pretrained=True).eval()",
-        '# or, once the entry is in the weights index:',
-        f"model = timm.create_model('{model}', pretrained=True, pretrained_cfg='{tag}')",
         'cfg = timm.data.resolve_data_config({}, model=model)',
         'transform = timm.data.create_transform(**cfg)',
         '```', '', '## Citation', '',
@@ -259,7 +261,11 @@ def export_folder(
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = out / WEIGHTS_NAME
     save_file(state, str(weights), metadata={'format': 'pt', 'model': entry['model'], 'tag': entry['tag']})
-    pretrained_cfg = {'tag': entry['tag'], 'architecture': entry['model'], 'license': entry['license']}
+    src = entry['source']
+    note = (f'trained by dynzoo with recipe {src.get("recipe")} on {entry["dataset"]["name"]}'
+            if src['type'] == 'trained' else f'converted by dynzoo from the authors\' release {src.get("url")}')
+    pretrained_cfg = {'tag': entry['tag'], 'architecture': entry['model'], 'license': entry['license'],
+                      'notes': (note,)}
     model_config: Dict[str, Any] = {'pretrained_cfg': pretrained_cfg}
     if label_names:
         model_config['label_names'] = list(label_names)
@@ -329,7 +335,10 @@ def folder_from_training(train_dir, out_dir, repo_id: str = '', license_: str = 
     if not tag:
         raise ValueError('the training run has no --tag: give the weights a tag (e.g. digits) when training')
     state = load_training_checkpoint(train_dir / results['checkpoint'], use_ema=results['weights'] == 'ema')
-    model = timm.create_model(model_name, pretrained=False, num_classes=results['num_classes'])
+    kwargs = dict(results.get('model_kwargs') or {})
+    if results.get('num_classes') is not None:
+        kwargs['num_classes'] = results['num_classes']
+    model = timm.create_model(model_name, pretrained=False, **kwargs)
     model.load_state_dict(state, strict=True)
     license_ = license_ or model.pretrained_cfg.get('license') or 'apache-2.0'
     entry = _entry_from_training(results, repo_id or f'dynzoo/{model_name}.{tag}', license_)

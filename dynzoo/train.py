@@ -60,10 +60,6 @@ RESULTS_FILE = 'results.json'
 # options and recipes
 
 
-def _float_pair(text: str) -> float:
-    return float(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='dynzoo train', description=__doc__.split('\n\n')[0],
@@ -431,7 +427,8 @@ def _amp_context(args, device: torch.device):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp_autocast=nullcontext, distributed: bool = False,
              progress: bool = False, desc: str = 'eval') -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy over ``loader``, summed exactly across ranks."""
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over ``loader``, as sums across ranks (timm's distributed
+    eval sampler pads the last shard with repeats, so a multi-process count can include a few duplicates)."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top1 count, top5 count, samples
     it = _progress(loader, progress, desc)
@@ -499,7 +496,6 @@ def train(args: argparse.Namespace) -> TrainResult:
     from timm.models import load_checkpoint, resume_checkpoint
     from timm.scheduler import create_scheduler_v2
     from timm.utils import CheckpointSaver, ModelEmaV3, distribute_bn, init_distributed_device, random_seed
-    from timm.utils.distributed import is_distributed_env
 
     t_start = time.perf_counter()
     if args.threads:
@@ -703,9 +699,10 @@ def _write_results(path: Path, args, history, saver, weights_kind, data_config, 
     best_eval = best['eval_ema' if weights_kind == 'ema' else 'eval']
     size = data_config['input_size']
     protocol = (f'{data_desc}; single {size[1]}x{size[2]} view ({data_config["interpolation"]} resize, '
-                f'crop_pct {data_config["crop_pct"]}), top-1 over all {best_eval["samples"]} validation images')
+                f'crop_pct {data_config["crop_pct"]}), accuracy over all {best_eval["samples"]} validation images')
     results = {
         'model': args.model, 'tag': args.tag, 'num_classes': args.num_classes,
+        'model_kwargs': dict(args.model_kwargs or {}),
         'dataset': {'name': args.dataset, 'split': 'validation', 'description': data_desc,
                     'train_images': n_train, 'val_images': n_val, 'split_seed': args.split_seed},
         'protocol': protocol,

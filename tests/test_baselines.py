@@ -325,7 +325,8 @@ def test_weights_index_lists_authors_releases():
     for model, (kernel_num, top1, _, url) in ODCONV_RELEASES.items():
         entry = hub.find_entry(model, 'in1k')
         assert entry is not None and entry['status'] == 'not_mirrored'
-        assert entry['source']['url'] == url and entry['metrics']['top1'] == top1
+        assert entry['source'] == dict(entry['source'], type='authors_release', repo='OSVAI/ODConv', url=url)
+        assert {m['name']: m['value'] for m in entry['metrics'] if m['measured_by'] == 'authors'}['top1'] == top1
         assert model in timm.list_models('odconv_*')
     with pytest.raises(dynzoo.PretrainedUnavailableError, match='drive.google.com'):
         timm.create_model('odconv_resnet50', pretrained=True)

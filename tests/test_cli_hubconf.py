@@ -20,7 +20,7 @@ def test_list_shows_every_model_with_computed_params(capsys):
         assert name in out
     # fmdconv_resnet18's computed count equals the authors' (45,203,400), shown as a match
     line = next(l for l in out.splitlines() if l.startswith('fmdconv_resnet18 '))
-    assert '45,203,400' in line and ' yes ' in line
+    assert '45,203,400' in line and ' exact ' in line
 
 
 def test_info_breaks_parameters_down(capsys):
@@ -43,7 +43,16 @@ def test_report_checks_a_family(tmp_path, capsys):
                  '--output', str(out_json)]) == 0
     rows = json.loads(out_json.read_text())
     assert [r['model'] for r in rows] == ['fmdconv_resnet18']
-    assert rows[0]['params_ok'] == 'yes' and rows[0]['forward'] == 'ok'
+    assert rows[0]['vs_paper'] == 'exact' and rows[0]['forward'] == 'ok' and rows[0]['check'] == 'ok'
+
+
+def test_paper_match_respects_printed_precision():
+    from dynzoo.cli import paper_match
+    assert paper_match(45_203_400, 45_203_400) == 'exact'
+    assert paper_match(45_203_401, 45_203_400) == '+1'
+    assert paper_match(44_901_208, 44_900_000) == '~'        # "44.90 M"
+    assert paper_match(44_951_208, 44_900_000) == '+51,208'
+    assert paper_match(1, None) == '-'
 
 
 def test_weights_lists_the_index(capsys):

@@ -58,9 +58,10 @@ def test_shipped_index_entries_are_loadable_names():
     entries are exactly the cfgs that carry an hf_hub_id (timm.list_models(pretrained=True) stays truthful)."""
     for entry in _shipped_index()['entries']:
         assert timm.is_model(entry['model']), entry['model']
+        name = f'{entry["model"]}.{entry["tag"]}'
         tags = get_arch_pretrained_cfgs(entry['model'])
-        assert entry['tag'] in tags, f'{entry["model"]}.{entry["tag"]} is not a registered tag ({list(tags)})'
-        cfg = tags[entry['tag']]
+        assert name in tags, f'{name} is not a registered pretrained tag ({list(tags)})'
+        cfg = tags[name]
         if entry['status'] == 'published':
             assert cfg.hf_hub_id == entry['hf_hub_id']
         else:

@@ -39,7 +39,7 @@ _A2D2C_ARGS = ('num_kernels', 'num_points', 'temperature', 'sample_per', 'eval_s
 
 register_family(
     'a2d2c', paper='A2D2C: Adaptive Attention-Driven Dynamic Convolution for Local Feature Adaptation',
-    paper_ids='arXiv (no code released)')
+    paper_ids='none given (no arXiv id or DOI in the paper; no code released)')
 
 
 def _pop_conv_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:

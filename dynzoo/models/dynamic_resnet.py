@@ -239,11 +239,11 @@ class DynamicMobileNetV2(EfficientNet):
                 raise ValueError(f'unknown placement {placement!r}; expected one of {sorted(MOBILENETV2_PLACEMENTS)}')
             placement = MOBILENETV2_PLACEMENTS[placement]
         self.num_dynamic = replace_convs(self, conv_layer, placement)
+        _make_blocks_reparameterizable(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         return dynamic_bias_names(self)
-        _make_blocks_reparameterizable(self)
 
     def reparameterize(self) -> None:
         """Fold the stem and head ``BatchNormAct2d`` into ``conv_stem`` / ``conv_head`` (dynamic: ``fuse_bn``); the

@@ -1,0 +1,57 @@
+"""``dynzoo.bench``: the static twin, counterpart mapping, and a tiny end-to-end run of the CLI (no timing asserted)."""
+import json
+import os
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import dynzoo  # noqa: F401
+from dynzoo.bench import cli_main, static_twin, timm_counterpart
+from dynzoo.flops import count_params
+from dynzoo.layers.dynamic import DynamicConv2dBase, get_default_strategy
+from dynzoo.metrics import N_IMAGENET
+
+
+def test_static_twin_swaps_every_dynamic_conv():
+    model = timm.create_model('fmdconv_resnet18')
+    twin = static_twin(model)
+    assert not any(isinstance(m, DynamicConv2dBase) for m in twin.modules())
+    assert sum(isinstance(m, DynamicConv2dBase) for m in model.modules()) == 16  # the original is untouched
+    assert count_params(twin) == count_params(timm.create_model('resnet18')) == 11_689_512
+    conv = twin.layer4[1].conv2
+    assert type(conv) is nn.Conv2d and conv.weight.shape == (512, 512, 3, 3) and conv.bias is None
+    with torch.no_grad():
+        assert twin.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+    assert static_twin(timm.create_model('resnet18')) is None
+
+
+@pytest.mark.parametrize('name, static', [
+    ('fmdconv_resnet18', 'resnet18'), ('odconv_resnet50_1x', 'resnet50'), ('fmdconv_mobilenetv2_050', 'mobilenetv2_050'),
+    ('attnet_t1', 'convnext_nano'), ('dmf_xxs', 'mobilenetv2_100'), ('sgdm_cspdarknet_n', None),
+])
+def test_timm_counterpart(name, static):
+    assert timm_counterpart(name) == static
+
+
+def test_cli_end_to_end(tmp_path):
+    out = tmp_path / 'bench'
+    rc = cli_main(['fmdconv_resnet18', '--batch-sizes', '2', '--train-batch-sizes', '2', '--img-size', '32',
+                   '--repeats', '1', '--threads', '1', '--timer', 'cpu', '--no-timm', '--quiet',
+                   '--accuracy', 'fmdconv_resnet18=73.21', '--out', str(out)])
+    assert rc == 0
+    assert {'bench.json', 'bench.csv', 'bench.md'} <= set(os.listdir(out))
+    data = json.loads((out / 'bench.json').read_text())
+    rows = {(r['model'], r['mode']): r for r in data['results']}
+    assert set(rows) == {(m, mode) for m in ('fmdconv_resnet18', 'fmdconv_resnet18:static_twin')
+                         for mode in ('eval', 'train')}
+    dyn, twin = rows['fmdconv_resnet18', 'train'], rows['fmdconv_resnet18:static_twin', 'train']
+    assert dyn['params'] == 45_203_400 and twin['params'] == 11_689_512
+    assert dyn['macs'] > twin['macs'] > 0
+    assert twin['ratio_twin'] == pytest.approx(1.0)
+    assert dyn['ratio_twin'] == pytest.approx(dyn['cpu_ms'] / twin['cpu_ms'])
+    epoch_s = N_IMAGENET / dyn['throughput']
+    assert dyn['ies'] == pytest.approx(epoch_s / 0.7321) and dyn['rcs'] == pytest.approx(N_IMAGENET / dyn['ies'])
+    assert rows['fmdconv_resnet18', 'eval']['ies'] is None  # IES / RCS use train time only
+    assert get_default_strategy() == 'auto'  # restored after the run

@@ -1,0 +1,313 @@
+"""Fine-tune on real data (UCI digits), publish to a hub served on 127.0.0.1 and load it back with
+timm.create_model(..., pretrained=True); convert the authors' checkpoints of the parity fixtures."""
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import timm
+from safetensors.torch import load_file
+
+import dynzoo
+from dynzoo import hub
+from dynzoo.publish import ENTRY_NAME, validate_entry, validate_index
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get('DYNZOO_FIXTURES', REPO.parent / 'shared' / 'fixtures' / 'official'))
+if not FIXTURES.is_dir():
+    FIXTURES = Path('/work/shared/fixtures/official')
+
+# the short digits run: AttNet-XXS, 32x32, 2 epochs of the 1,437 training images (the full recipe runs 6)
+DIGITS_ACCURACY_BAR = 80.0  # % top-1 on the 360 validation images; chance is 10%
+HUB_REPO = 'dynzoo/attnet_xxs.digits'
+
+
+@pytest.fixture(scope='module')
+def digits_run(tmp_path_factory):
+    from dynzoo.train import cli_main
+    out = tmp_path_factory.mktemp('digits') / 'run'
+    assert cli_main(['--config', 'attnet_xxs_digits', '--epochs', '2', '--warmup-epochs', '0', '--output', str(out),
+                     '--threads', '1', '--no-progress']) == 0
+    return out, json.loads((out / 'results.json').read_text())
+
+
+def test_digits_finetune_reaches_accuracy(digits_run):
+    out, results = digits_run
+    assert results['model'] == 'attnet_xxs' and results['dataset']['name'] == 'sklearn/digits'
+    assert results['dataset']['train_images'] == 1437 and results['dataset']['val_images'] == 360
+    assert results['best']['samples'] == 360
+    assert results['best']['top1'] >= DIGITS_ACCURACY_BAR, results['best']
+    assert (out / results['checkpoint']).is_file() and (out / 'last.pth.tar').is_file()
+
+
+@pytest.fixture(scope='module')
+def published_folder(digits_run, tmp_path_factory):
+    from dynzoo.publish import cli_main
+    out, results = digits_run
+    folder = tmp_path_factory.mktemp('hub') / 'attnet_xxs.digits'
+    assert cli_main(['--train-dir', str(out), '--out', str(folder), '--repo-id', HUB_REPO, '--dry-run']) == 0
+    return folder
+
+
+def test_published_folder_is_timm_format(published_folder, digits_run):
+    _, results = digits_run
+    files = {p.name for p in published_folder.iterdir()}
+    assert {'config.json', 'model.safetensors', 'README.md', ENTRY_NAME} <= files
+    config = json.loads((published_folder / 'config.json').read_text())
+    assert config['architecture'] == 'attnet_xxs' and config['num_classes'] == 10
+    pcfg = config['pretrained_cfg']
+    assert pcfg['tag'] == 'digits' and tuple(pcfg['input_size']) == (3, 32, 32) and pcfg['crop_pct'] == 1.0
+    assert pcfg['num_classes'] == 10 and config['label_names'] == [str(i) for i in range(10)]
+    entry = json.loads((published_folder / ENTRY_NAME).read_text())
+    validate_entry(entry)
+    assert entry['sha256'] == hub.sha256_file(published_folder / 'model.safetensors')
+    assert entry['size'] == (published_folder / 'model.safetensors').stat().st_size
+    assert entry['source']['type'] == 'trained' and entry['source']['recipe'] == 'attnet_xxs_digits'
+    assert entry['metrics'][0] == {'name': 'top1', 'value': round(results['best']['top1'], 4),
+                                   'protocol': results['protocol'], 'measured_by': 'dynzoo'}
+    card = (published_folder / 'README.md').read_text()
+    paper = dynzoo.models.FAMILIES['attnet']['paper']
+    assert paper and paper in card and f'{results["best"]["top1"]:.2f}' in card and entry['sha256'] in card
+
+
+class _HubHandler(http.server.BaseHTTPRequestHandler):
+    """The two requests hf_hub_download makes: HEAD then GET ``/{repo_id}/resolve/{revision}/{filename}``.
+
+    Like the Hub it answers with ``X-Repo-Commit`` (a 40-hex commit), an ``ETag`` (sha256 for the weights, as for
+    LFS files; ``X-Linked-Etag`` / ``X-Linked-Size`` too) and ``Content-Length``.
+    """
+    repos: dict = {}
+    requests: list = []
+    commit = 'c0ffee' + '0' * 34
+
+    def _resolve(self):
+        parts = self.path.split('?')[0].strip('/').split('/')
+        if len(parts) < 5 or parts[2] != 'resolve':
+            return None
+        folder = self.repos.get('/'.join(parts[:2]))
+        path = folder / '/'.join(parts[4:]) if folder else None
+        return path if path is not None and path.is_file() else None
+
+    def _headers(self, path):
+        data = path.read_bytes()
+        etag = hashlib.sha256(data).hexdigest()
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(data)))
+        self.send_header('ETag', f'"{etag}"')
+        self.send_header('X-Repo-Commit', self.commit)
+        if path.suffix == '.safetensors':
+            self.send_header('X-Linked-Etag', f'"{etag}"')
+            self.send_header('X-Linked-Size', str(len(data)))
+        self.end_headers()
+        return data
+
+    def do_HEAD(self):  # noqa: N802
+        self.requests.append(('HEAD', self.path))
+        path = self._resolve()
+        if path is None:
+            self.send_response(404)
+            self.send_header('X-Error-Code', 'EntryNotFound')
+            self.send_header('X-Repo-Commit', self.commit)
+            self.end_headers()
+            return
+        self._headers(path)
+
+    def do_GET(self):  # noqa: N802
+        self.requests.append(('GET', self.path))
+        path = self._resolve()
+        if path is None:
+            self.send_response(404)
+            self.end_headers()
+            return
+        self.wfile.write(self._headers(path))
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def local_hub():
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _HubHandler)
+    _HubHandler.repos, _HubHandler.requests = {}, []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f'http://127.0.0.1:{server.server_address[1]}', _HubHandler
+    server.shutdown()
+    server.server_close()
+
+
+LOAD_AND_EVALUATE = '''
+import json, sys, torch, timm, dynzoo
+from timm.data import create_loader, resolve_data_config
+from dynzoo.train import digits_datasets, evaluate
+torch.set_num_threads(1)
+name, val_fraction, seed, batch = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+model = timm.create_model(name, pretrained=True, num_classes=10).eval()
+cfg = resolve_data_config({}, model=model)
+_, val = digits_datasets(val_fraction, seed)
+loader = create_loader(val, input_size=cfg['input_size'], batch_size=batch, is_training=False,
+                       interpolation=cfg['interpolation'], mean=cfg['mean'], std=cfg['std'], crop_pct=cfg['crop_pct'],
+                       crop_mode=cfg.get('crop_mode'), num_workers=0, use_prefetcher=False, device=torch.device('cpu'))
+result = {'eval': evaluate(model, loader, torch.device('cpu')), 'cfg': model.pretrained_cfg['tag']}
+# the weights index is the gate: without the entry, the same call refuses (config.json is cached by now)
+import os
+from dynzoo.hub import PretrainedUnavailableError
+os.environ['DYNZOO_WEIGHTS_INDEX'] = sys.argv[5]
+try:
+    timm.create_model(name, pretrained=True, num_classes=10)
+    result['gated'] = False
+except PretrainedUnavailableError:
+    result['gated'] = True
+print('RESULT ' + json.dumps(result))
+'''
+
+
+def test_round_trip_through_local_hub(published_folder, digits_run, local_hub, tmp_path):
+    """fine-tune -> publish -> hub on 127.0.0.1 -> timm.create_model(pretrained=True) in a fresh process, through a
+    temporary weights index: the same validation accuracy (and loss) as measured after training."""
+    _, results = digits_run
+    endpoint, handler = local_hub
+    handler.repos[HUB_REPO] = published_folder
+    entry = json.loads((published_folder / ENTRY_NAME).read_text())
+    index = {'schema': hub.INDEX_SCHEMA, 'entries': [entry]}
+    validate_index(index)
+    index_path = tmp_path / 'weights_index.json'
+    index_path.write_text(json.dumps(index))
+    empty_index = tmp_path / 'empty_index.json'
+    empty_index.write_text(json.dumps({'schema': hub.INDEX_SCHEMA, 'entries': []}))
+    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / 'hf'), HF_HUB_DISABLE_XET='1',
+               HF_HUB_DISABLE_TELEMETRY='1', DYNZOO_WEIGHTS_INDEX=str(index_path), OMP_NUM_THREADS='1',
+               PYTHONPATH=str(REPO))
+    env.pop('HF_HUB_OFFLINE', None)
+    batch = 32
+    proc = subprocess.run(
+        [sys.executable, '-c', LOAD_AND_EVALUATE, f'hf-hub:{HUB_REPO}', str(0.2), str(results['dataset']['split_seed']),
+         str(batch), str(empty_index)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith('RESULT '))
+    loaded = json.loads(line[len('RESULT '):])
+    assert loaded['cfg'] == 'digits' and loaded['gated'] is True
+    fetched = {p.rsplit('/', 1)[-1] for method, p in handler.requests if method == 'GET'}
+    assert {'config.json', 'model.safetensors'} <= fetched, handler.requests
+    assert loaded['eval']['samples'] == results['best']['samples'] == 360
+    assert loaded['eval']['top1'] == results['best']['top1']
+    assert loaded['eval']['loss'] == pytest.approx(results['best']['loss'], rel=1e-5, abs=1e-6)
+
+
+class _FakeHfApi:
+    calls: list = []
+
+    def __init__(self, endpoint=None, token=None, library_name=None):
+        self.calls.append(('init', endpoint))
+
+    def create_repo(self, repo_id, private=False, exist_ok=False):
+        self.calls.append(('create_repo', repo_id, exist_ok))
+
+    def upload_folder(self, repo_id, folder_path, revision=None, commit_message='', ignore_patterns=None):
+        uploaded = sorted(p.name for p in Path(folder_path).iterdir() if p.name not in (ignore_patterns or []))
+        self.calls.append(('upload_folder', repo_id, uploaded))
+        return type('CommitInfo', (), {'oid': 'a' * 40})()
+
+
+def test_publish_pushes_with_hfapi_and_records_revision(published_folder, tmp_path, monkeypatch):
+    import huggingface_hub
+    from dynzoo.publish import cli_main
+    monkeypatch.setattr(huggingface_hub, 'HfApi', _FakeHfApi)
+    _FakeHfApi.calls = []
+    index = tmp_path / 'index.json'
+    assert cli_main(['--folder', str(published_folder), '--index', str(index), '--endpoint', 'http://hub.test']) == 0
+    assert _FakeHfApi.calls[0] == ('init', 'http://hub.test')
+    assert ('create_repo', HUB_REPO, True) in _FakeHfApi.calls
+    upload = next(c for c in _FakeHfApi.calls if c[0] == 'upload_folder')
+    assert upload[1] == HUB_REPO and upload[2] == ['README.md', 'config.json', 'model.safetensors']
+    data = json.loads(index.read_text())
+    validate_index(data)
+    assert data['entries'][0]['revision'] == 'a' * 40 and data['entries'][0]['hf_hub_id'] == HUB_REPO
+
+
+def test_publish_refuses_modified_weights(published_folder, tmp_path):
+    import shutil
+    from dynzoo.publish import publish_folder
+    copy = tmp_path / 'copy'
+    shutil.copytree(published_folder, copy)
+    with open(copy / 'model.safetensors', 'r+b') as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b'\x00\x01\x02\x03')
+    with pytest.raises(hub.CheckpointError, match='changed after export'):
+        publish_folder(copy, dry_run=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# authors' checkpoints -> dynzoo safetensors (parity fixtures)
+
+
+def _authors_state_dict(fixture):
+    data = load_file(str(fixture))
+    sd = {k[2:]: v.float() * data['scale.' + k[2:]] for k, v in data.items() if k.startswith('q.')}
+    sd.update({k[4:]: v for k, v in data.items() if k.startswith('raw.')})
+    return sd, data['input'], data['logits']
+
+
+def _container(name, sd, use_ema=False):
+    """The checkpoint layout each authors' training script writes (fixture .json, checkpoint_container)."""
+    if name.startswith('fmdconv'):  # FMDConv main.py: DDP state dict under 'state_dict'
+        return {'epoch': 99, 'state_dict': {'module.' + k: v for k, v in sd.items()}, 'best_acc': 73.2}
+    if use_ema:  # AttNet / DMF: {'model': ..., 'model_ema': ...}; here only the EMA holds the real weights
+        return {'model': {k: torch.zeros_like(v) for k, v in sd.items()}, 'model_ema': sd, 'epoch': 299}
+    return {'model': sd, 'epoch': 299}
+
+
+CONVERT_CASES = [('fmdconv_resnet18', False), ('attnet_t1', False), ('dmf_xxs', False), ('attnet_t1', True)]
+
+
+@pytest.mark.parametrize('name,use_ema', CONVERT_CASES, ids=[f'{n}{"-ema" if e else ""}' for n, e in CONVERT_CASES])
+def test_convert_authors_checkpoint(name, use_ema, tmp_path):
+    """`dynzoo convert` on the authors' container of each parity fixture: the safetensors it writes reproduces
+    the authors' logits; the entry holds sha256, size and the source release. A model that is not registered
+    (family not merged yet) is the only reason to skip."""
+    if not timm.is_model(name):
+        pytest.skip(f'{name} is not registered in this checkout')
+    from dynzoo.convert import cli_main
+    meta = json.loads((FIXTURES / f'{name}.official.json').read_text())
+    sd, x, logits = _authors_state_dict(FIXTURES / f'{name}.official.safetensors')
+    ckpt = tmp_path / 'authors.pth'
+    torch.save(_container(name, sd, use_ema), ckpt)
+    out = tmp_path / 'converted'
+    argv = ['--model', name, '--checkpoint', str(ckpt), '--out', str(out), '--source-repo', meta['source_repo'],
+            '--source-commit', meta['source_commit'], '--source-file', meta['source_file'], '--quiet']
+    assert cli_main(argv + (['--use-ema'] if use_ema else [])) == 0
+    weights = out / 'model.safetensors'
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights))).eval()
+    with torch.no_grad():
+        diff = (model(x) - logits).abs().max().item()
+    assert diff <= 1e-4 * max(1.0, logits.abs().max().item()), diff
+    entry = json.loads((out / ENTRY_NAME).read_text())
+    validate_entry(entry)
+    assert entry['sha256'] == hub.sha256_file(weights) and entry['size'] == weights.stat().st_size
+    src = entry['source']
+    assert src['type'] == 'converted' and src['repo'] == meta['source_repo']
+    assert src['commit'] == meta['source_commit'] and src['url'] == f'https://github.com/{meta["source_repo"]}'
+    assert src['original_sha256'] == hub.sha256_file(ckpt) and src['ema'] is use_ema
+    assert entry['metrics'] == []  # no claimed metric was given: none is invented
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == name and config['num_classes'] == 1000
+    assert meta['source_repo'] in (out / 'README.md').read_text()
+
+
+def test_convert_refuses_wrong_architecture(tmp_path):
+    """An authors' checkpoint of another network is refused, naming the mismatch; nothing is written."""
+    from dynzoo.convert import cli_main
+    sd, _, _ = _authors_state_dict(FIXTURES / 'fmdconv_resnet18.official.safetensors')
+    ckpt = tmp_path / 'r18.pth'
+    torch.save({'state_dict': sd}, ckpt)
+    out = tmp_path / 'out'
+    with pytest.raises(hub.CheckpointError, match='does not match|shapes do not match'):
+        cli_main(['--model', 'fmdconv_resnet34', '--checkpoint', str(ckpt), '--out', str(out),
+                  '--source-repo', 'tianyu00824/FMDConv', '--quiet'])
+    assert not (out / 'model.safetensors').exists()
