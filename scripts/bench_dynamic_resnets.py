@@ -97,8 +97,9 @@ def main(argv=None) -> int:
             for clock, cname in ((1, 'cpu'), (0, 'wall')):
                 row[f'{label} {cname}'] = f'{best(name, mode, clock) / best("resnet18", mode, clock):.2f}x'
         rows.append(row)
-    static = ', '.join(f'{mode} {1000 * best("resnet18", mode, 0):.0f} ms wall / {1000 * best("resnet18", mode, 1):.0f} ms cpu'
-                       for mode in modes)
+    static = ', '.join(
+        f'{mode} {1000 * best("resnet18", mode, 0):.0f} ms wall / {1000 * best("resnet18", mode, 1):.0f} ms cpu'
+        for mode in modes)
 
     print(f'torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.size}x{args.size}, '
           f'best of {args.rounds} round-robin rounds; ratio = time / static resnet18 of this run ({static}); '

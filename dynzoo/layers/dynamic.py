@@ -214,7 +214,8 @@ def _tiled_dynamic_conv2d(
         r1 = min(c_out, r0 + rows)
         g0 = 0 if groups == 1 else r0 // out_per_group
         g1 = 1 if groups == 1 else r1 // out_per_group
-        w_t = weight if rows == c_out else weight[:, r0:r1].contiguous()
+        # a strided view (no copy): each expert's rows r0:r1 are contiguous, and mm takes the expert stride
+        w_t = weight if rows == c_out else weight[:, r0:r1]
         sw_t: Optional[torch.Tensor] = None
         if static_weight is not None:
             sw_t = static_weight if rows == c_out else static_weight[r0:r1]

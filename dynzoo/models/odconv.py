@@ -52,20 +52,25 @@ register_family('dyconv', paper='Dynamic Convolution: Attention over Convolution
 register_family('condconv', paper='CondConv: Conditionally Parameterized Convolutions for Efficient Inference '
                 '(NeurIPS 2019)', paper_ids='arXiv:1904.04971')
 
+
+def _drive(file_id: str) -> str:
+    return f'https://drive.google.com/file/d/{file_id}/view?usp=sharing'
+
+
 # The authors' released ImageNet checkpoints, as their README lists them: model -> (kernel_num, top-1, top-5, url)
 ODCONV_RELEASES = {
-    'odconv_resnet18_1x': (1, 73.05, 91.05, 'https://drive.google.com/file/d/1AxCKAHJve3fbe2SnvoHsSucNvjv5Dxow/view?usp=sharing'),
-    'odconv_resnet18': (4, 74.19, 91.47, 'https://drive.google.com/file/d/1Krsaa0fBKluFCyO7nmg-R9LlsoSUjJj2/view?usp=sharing'),
-    'odconv_resnet50_1x': (1, 77.87, 93.77, 'https://drive.google.com/file/d/1Aqwv6uQ9iI8a8Z5vjqmKuSTar0U8gfVJ/view?usp=sharing'),
-    'odconv_resnet50': (4, 78.50, 93.99, 'https://drive.google.com/file/d/1uO774twnIYLiDV2BAsVM136k4EAhs6oh/view?usp=sharing'),
-    'odconv_resnet101_1x': (1, 78.84, 94.27, 'https://drive.google.com/file/d/1PJNcrw2RP9xG-18gw2NE93mwVmQBIbeM/view?usp=sharing'),
-    'odconv_resnet101_2x': (2, 79.15, 94.34, 'https://drive.google.com/file/d/1ph0woQfR2Ut2JfV4RKQPB6tAXf9pZmTo/view?usp=sharing'),
-    'odconv_mobilenetv2_100_1x': (1, 74.74, 91.95, 'https://drive.google.com/file/d/1Du_AH_pvtFE8ABg_FLjtPccVypw5AajU/view?usp=sharing'),
-    'odconv_mobilenetv2_100': (4, 75.29, 92.18, 'https://drive.google.com/file/d/1HfwoBWOGsiiuhoOyetoQeJ8iXrCi5lJv/view?usp=sharing'),
-    'odconv_mobilenetv2_075_1x': (1, 72.71, 90.85, 'https://drive.google.com/file/d/1g3_OppE5jXW5eO7jy2vbw9mfVqNz-_Tk/view?usp=sharing'),
-    'odconv_mobilenetv2_075': (4, 74.01, 91.37, 'https://drive.google.com/file/d/1bGloR4WUAsGEQpbmqLO-hShIcoV0ut42/view?usp=sharing'),
-    'odconv_mobilenetv2_050_1x': (1, 68.06, 87.67, 'https://drive.google.com/file/d/137qpjBdLjQ6MNNQ-YbqgWZeTEAq7AM_2/view?usp=sharing'),
-    'odconv_mobilenetv2_050': (4, 70.23, 88.86, 'https://drive.google.com/file/d/1x2bB8GxNAKfvO-_MX-9Z9mqABBfHkYed/view?usp=sharing'),
+    'odconv_resnet18_1x': (1, 73.05, 91.05, _drive('1AxCKAHJve3fbe2SnvoHsSucNvjv5Dxow')),
+    'odconv_resnet18': (4, 74.19, 91.47, _drive('1Krsaa0fBKluFCyO7nmg-R9LlsoSUjJj2')),
+    'odconv_resnet50_1x': (1, 77.87, 93.77, _drive('1Aqwv6uQ9iI8a8Z5vjqmKuSTar0U8gfVJ')),
+    'odconv_resnet50': (4, 78.50, 93.99, _drive('1uO774twnIYLiDV2BAsVM136k4EAhs6oh')),
+    'odconv_resnet101_1x': (1, 78.84, 94.27, _drive('1PJNcrw2RP9xG-18gw2NE93mwVmQBIbeM')),
+    'odconv_resnet101_2x': (2, 79.15, 94.34, _drive('1ph0woQfR2Ut2JfV4RKQPB6tAXf9pZmTo')),
+    'odconv_mobilenetv2_100_1x': (1, 74.74, 91.95, _drive('1Du_AH_pvtFE8ABg_FLjtPccVypw5AajU')),
+    'odconv_mobilenetv2_100': (4, 75.29, 92.18, _drive('1HfwoBWOGsiiuhoOyetoQeJ8iXrCi5lJv')),
+    'odconv_mobilenetv2_075_1x': (1, 72.71, 90.85, _drive('1g3_OppE5jXW5eO7jy2vbw9mfVqNz-_Tk')),
+    'odconv_mobilenetv2_075': (4, 74.01, 91.37, _drive('1bGloR4WUAsGEQpbmqLO-hShIcoV0ut42')),
+    'odconv_mobilenetv2_050_1x': (1, 68.06, 87.67, _drive('137qpjBdLjQ6MNNQ-YbqgWZeTEAq7AM_2')),
+    'odconv_mobilenetv2_050': (4, 70.23, 88.86, _drive('1x2bB8GxNAKfvO-_MX-9Z9mqABBfHkYed')),
 }
 
 # MobileNetV2 stage depths (t, c, n, s table): the authors' features.1..17 are timm's blocks.s.i
