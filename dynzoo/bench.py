@@ -535,7 +535,7 @@ def write_reports(results: Sequence[BenchResult], out_dir: str, layer_rows: Sequ
           f'{"wall" if not results or results[0].timer == "wall" else "process CPU"} time to the static '
           'twin / timm counterpart measured in the same run. Peak memory: peak RSS growth during one call (Linux '
           'VmHWM). MACs per image (`dynzoo.flops`, convention `macs`).\n',
-          markdown_table(results)]
+          markdown_table(results) if results else '']
     if layer_rows:
         md += ['\n## Layers (eval)\n', layers_markdown(layer_rows)]
     with open(os.path.join(out_dir, 'bench.md'), 'w') as f:
@@ -583,6 +583,7 @@ def build_parser(prog: str = 'dynzoo bench') -> argparse.ArgumentParser:
     p.add_argument('--layers', nargs='*', default=None, metavar='MODEL',
                    help='also run the layer benchmark on these models (no name: the first model)')
     p.add_argument('--layer-batch-size', type=int, default=32)
+    p.add_argument('--layers-only', action='store_true', help='run the layer benchmark only (implies --layers)')
     p.add_argument('--out', default='bench_out', help='output directory')
     p.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (peak memory: max_memory_allocated)")
     p.add_argument('--amp', choices=('bf16', 'fp16'), default=None, help='autocast dtype (default: fp32)')
@@ -594,7 +595,9 @@ def build_parser(prog: str = 'dynzoo bench') -> argparse.ArgumentParser:
 
 def cli_main(argv: Optional[Sequence[str]] = None, prog: str = 'dynzoo bench') -> int:
     args = build_parser(prog).parse_args(list(argv) if argv is not None else None)
-    results = run_benchmark(
+    if args.layers_only and args.layers is None:
+        args.layers = []
+    results = [] if args.layers_only else run_benchmark(
         args.models, args.batch_sizes, args.train_batch_sizes, args.img_size, args.repeats, args.warmup,
         args.threads, args.strategies, _parse_accuracy(args.accuracy), args.epoch_images,
         with_timm=not args.no_timm, measure_memory=not args.no_memory, quiet=args.quiet, timer=args.timer,
@@ -606,7 +609,8 @@ def cli_main(argv: Optional[Sequence[str]] = None, prog: str = 'dynzoo bench') -
                                        threads=args.threads, quiet=args.quiet, timer=args.timer)
     command = prog + ' ' + ' '.join(argv if argv is not None else sys.argv[1:])
     paths = write_reports(results, args.out, layer_rows, command)
-    print(markdown_table(results))
+    if results:
+        print(markdown_table(results))
     if layer_rows:
         print()
         print(layers_markdown(layer_rows))
