@@ -7,7 +7,9 @@ and measures them **side by side in one run, interleaved** (every repeat times e
 load from other processes hits all variants alike; reported times are medians over repeats.
 
 Per variant and batch size: eval latency (``torch.inference_mode``) and train-step time (forward + cross-entropy
-backward, no optimizer step; model in train mode), throughput, peak memory, params and MACs (``dynzoo.flops``, the
+backward, no optimizer step; model in train mode), throughput (from the median of the chosen timer: wall clock,
+or process CPU time with ``--timer cpu``, which on a machine shared with other jobs approximates the time of an
+idle machine when run with 1 thread), peak memory, params and MACs (``dynzoo.flops``, the
 ``'macs'`` convention), and the ratio to the static twin and to the timm counterpart. Given an accuracy
 (``--accuracy model=top1``), the FMDConv paper's IES and RCS (``dynzoo.metrics``) are computed from the measured
 train throughput: ``epoch time = N / (images per second)`` with ``N`` images per epoch (default ImageNet's).
@@ -214,7 +216,7 @@ class BenchResult:
     time_ms: float       # median wall time per call
     time_min_ms: float
     cpu_ms: float        # median process CPU time per call (all threads)
-    throughput: float    # images / s (from the median)
+    throughput: float    # images / s from the median time of the chosen timer (wall, or CPU with --timer cpu)
     peak_mem_mib: Optional[float]
     timer: str = 'wall'  # what the ratios compare: median wall time or median process CPU time
     ratio_twin: Optional[float] = None
@@ -329,12 +331,13 @@ def run_benchmark(
                 rows = {}
                 for label, role, model, strategy, fn in fns:
                     med = statistics.median(wall[label])
+                    med_timer = med if timer == 'wall' else statistics.median(cpu[label])
                     params, macs = counts[id(model)]
                     rows[label] = BenchResult(
                         model=label, role=role, group=name, mode=mode, batch_size=batch, img_size=img_size,
                         strategy=strategy, params=params, macs=macs, time_ms=med * 1e3,
                         time_min_ms=min(wall[label]) * 1e3, cpu_ms=statistics.median(cpu[label]) * 1e3,
-                        throughput=batch / med, peak_mem_mib=mem[label],
+                        throughput=batch / med_timer, peak_mem_mib=mem[label],
                         times_ms=[t * 1e3 for t in wall[label]])
                 twin_row = next((r for r in rows.values() if r.role == 'twin'), None)
                 timm_row = next((r for r in rows.values() if r.role == 'timm'), None)

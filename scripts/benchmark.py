@@ -1,10 +1,14 @@
 #!/usr/bin/env python
 """Zoo benchmark: dynamic models beside their static twins and timm counterparts (see ``dynzoo/bench.py``).
 
-Same options as ``dynzoo bench``. The command that produced BENCHMARKS.md:
+Same options as ``dynzoo bench`` (``--help``). The commands that produced BENCHMARKS.md (run from the repository
+root; about 7 and 2 minutes of CPU on an idle 2-core machine, much longer when it is shared):
 
     python scripts/benchmark.py fmdconv_resnet18 odconv_resnet18 --batch-sizes 1 32 --train-batch-sizes 32 \
-        --repeats 5 --threads 2 --accuracy fmdconv_resnet18=73.21 odconv_resnet18=73.09 --layers --out bench_out
+        --repeats 3 --threads 1 --timer cpu --no-timm --accuracy fmdconv_resnet18=73.21 odconv_resnet18=73.09 \
+        --layers fmdconv_resnet18 --out docs/benchmarks
+    python scripts/benchmark.py fmdconv_resnet18 --layers-only --layer-batch-size 32 --repeats 3 --threads 1 \
+        --timer cpu --out docs/benchmarks/layers_fresh
 """
 import sys
 

@@ -6,7 +6,6 @@ API a timm user relies on) are repeated here for every dynzoo model.
 """
 import copy
 import math
-from functools import lru_cache
 
 import pytest
 import torch
@@ -24,14 +23,11 @@ MODELS = dynzoo.list_dynzoo_models()
 FEATURE_SIZE = 96
 
 
-@lru_cache(maxsize=2)
-def _cached(name):
+@pytest.fixture(scope='module', params=MODELS)
+def built(request):
+    """``(name, model)``, built once per model: pytest groups every test of a model around one build."""
     torch.manual_seed(0)
-    return timm.create_model(name).eval()
-
-
-def _fresh(name):
-    return copy.deepcopy(_cached(name))
+    return request.param, timm.create_model(request.param).eval()
 
 
 def _input_size(model, target=FEATURE_SIZE):
@@ -50,9 +46,8 @@ def test_registry_is_populated_and_described():
         assert info['family'] in FAMILIES, (name, info)
 
 
-@pytest.mark.parametrize('name', MODELS)
-def test_pretrained_cfg_is_complete(name):
-    model = _cached(name)
+def test_pretrained_cfg_is_complete(built):
+    name, model = built
     cfg = model.pretrained_cfg
     for key in ('architecture', 'tag', 'input_size', 'mean', 'std', 'crop_pct', 'interpolation', 'num_classes',
                 'first_conv', 'classifier', 'license', 'paper_ids', 'pool_size'):
@@ -67,18 +62,17 @@ def test_pretrained_cfg_is_complete(name):
     assert bool(cfg.get('hf_hub_id')) == is_published(name, cfg['tag'])
 
 
-@pytest.mark.parametrize('name', MODELS)
-def test_pretrained_without_checkpoint_fails_clearly(name):
-    tag = _cached(name).pretrained_cfg['tag']
+def test_pretrained_without_checkpoint_fails_clearly(built):
+    name, model = built
+    tag = model.pretrained_cfg['tag']
     if is_published(name, tag):
         pytest.fail(f'{name}.{tag} is published: this suite has no network access to check it')
     with pytest.raises(PretrainedUnavailableError, match='pretrained_cfg_overlay'):
         timm.create_model(name, pretrained=True)
 
 
-@pytest.mark.parametrize('name', MODELS)
-def test_forward_intermediates_and_features(name):
-    model = _fresh(name)
+def test_forward_intermediates_and_features(built):
+    name, model = built
     feature_info = FeatureInfo(model.feature_info, len(model.feature_info))
     channels, reductions = feature_info.channels(), feature_info.reduction()
     assert len(channels) >= 3
@@ -103,9 +97,8 @@ def test_forward_intermediates_and_features(name):
     assert [o.shape[1] for o in outs] == feats.feature_info.channels()
 
 
-@pytest.mark.parametrize('name', MODELS)
-def test_classifier_reset_and_pre_logits(name):
-    model = _fresh(name)
+def test_classifier_reset_and_pre_logits(built):
+    name, model = built[0], copy.deepcopy(built[1])
     x = torch.randn((2,) + _input_size(model, 64))
     assert model.num_classes == 1000
     model.reset_classifier(7)
@@ -120,10 +113,9 @@ def test_classifier_reset_and_pre_logits(name):
     assert model.get_classifier() is not None
 
 
-@pytest.mark.parametrize('name', MODELS)
-def test_grad_checkpointing_gives_same_grads(name):
+def test_grad_checkpointing_gives_same_grads(built):
     torch.manual_seed(0)
-    model = _fresh(name).train()
+    name, model = built[0], copy.deepcopy(built[1]).train()
     for m in model.modules():  # keep BN statistics out of the comparison
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.eval()
@@ -142,9 +134,8 @@ def test_grad_checkpointing_gives_same_grads(name):
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5, msg=f'{name}: grad of {n}')
 
 
-@pytest.mark.parametrize('name', MODELS)
-def test_optimizer_groups_cover_every_parameter(name):
-    model = _cached(name)
+def test_optimizer_groups_cover_every_parameter(built):
+    name, model = built
     names = {n for n, _ in model.named_parameters()}
     nwd = model.no_weight_decay()
     assert isinstance(nwd, (set, list, tuple))
@@ -155,21 +146,20 @@ def test_optimizer_groups_cover_every_parameter(name):
     assert {n for g in coarse.values() for n in g} == names
 
 
-@pytest.mark.parametrize('name', MODELS)
-def test_meta_device_and_kwargs(name):
+def test_meta_device_and_kwargs(built):
+    name, built_model = built
     with torch.device('meta'):
         model = timm.create_model(name)
     assert all(p.device.type == 'meta' for p in model.parameters())
     n_meta = sum(p.numel() for p in model.parameters())
-    assert n_meta == sum(p.numel() for p in _cached(name).parameters())
+    assert n_meta == sum(p.numel() for p in built_model.parameters())
     with pytest.raises(TypeError):
         timm.create_model(name, not_an_argument_of_any_model=1)
 
 
-@pytest.mark.parametrize('name', MODELS)
-def test_eval_is_batch_independent(name):
+def test_eval_is_batch_independent(built):
     """A sample's eval output does not depend on the other samples of its batch."""
-    model = _cached(name)
+    name, model = built
     torch.manual_seed(1)
     x = torch.randn((3,) + _input_size(model, 64))
     with torch.no_grad():

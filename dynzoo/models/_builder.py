@@ -143,7 +143,9 @@ def build_dynzoo_model(
         resolved = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
         resolved = resolved.to_dict()
         resolved['state_dict'] = hub.load_checkpoint(resolved)
+        # timm must load exactly the checkpoint verified above, not fetch its own copy ('hf-hub' source)
         resolved['file'] = None
+        resolved['source'] = None
         pretrained_cfg, overlay = resolved, None
         filter_fn = _strict_filter(pretrained_filter_fn, resolved, variant)
     model = build_model_with_cfg(

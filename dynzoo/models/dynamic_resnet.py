@@ -179,6 +179,10 @@ class DynamicResNet(ResNet):
         else:
             fold_batchnorm(self, 'conv1', 'bn1')
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return dynamic_bias_names(self)
+
 
 def _first_3x3_placement(model: nn.Module) -> Placement:
     """The first 3x3 conv of every block in stages 2-4."""
