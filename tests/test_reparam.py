@@ -114,9 +114,10 @@ def _count_bn(model):
 def fp32_noise(model, x):
     """``max|fp32 - fp64|`` of ``model`` on ``x``: the rounding floor no fp32 comparison can beat.
 
-    For well-conditioned models it is far below ``1e-4 * max|logits|``; where a family's model amplifies rounding
-    (e.g. DynamicConv ResNets with calibrated random weights: ~6e-4 relative) the fp32 tolerance becomes
-    ``8 x`` this floor, and exactness is asserted in float64 instead.
+    For well-conditioned models it is far below ``1e-4 * max|logits|``; where a model amplifies rounding (the
+    DynamicConv ResNets with these random weights: logits ~750, fp32 floor ~1e-5..6e-4 relative, varying by input)
+    an fp32 comparison cannot tell a wrong fold from rounding, so the fp32 tolerance becomes ``50 x`` this floor
+    (a wrong fold is off by O(1)) and exactness is asserted in float64 (``1e-8``) instead.
     """
     return float((model(x).double() - copy.deepcopy(model).double()(x.double())).abs().max())
 
@@ -139,7 +140,7 @@ def test_reparameterize_is_exact(name):
     assert diff64 <= 1e-8 * max(1.0, float(ref64.abs().max())), f'{name}: float64 reparameterize differs by {diff64:.3g}'
     noise = float((ref.double() - ref64).abs().max())
     diff, tol = close(ref, out)
-    tol = max(tol, 8 * noise)
+    tol = max(tol, 50 * noise)
     assert diff <= tol, f'{name}: dynzoo.reparameterize changed the output by {diff:.3g} (tolerance {tol:.3g})'
     diff = float((ref - timm_out).abs().max())
     assert diff <= tol, f'{name}: timm reparameterize_model changed the output by {diff:.3g} (tolerance {tol:.3g})'
