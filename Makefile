@@ -19,16 +19,18 @@ $(STAMP): pyproject.toml
 report: setup
 	$(BIN)/dynzoo report
 
-# the whole test suite: dynzoo's tests, then timm's own tests/test_models.py on dynzoo's models
+# the whole test suite: dynzoo's tests, then timm's own tests/test_models.py on every dynzoo model
+# (two pytest-xdist workers, one thread each, every test of one model on one worker)
+export OMP_WAIT_POLICY := PASSIVE
 test: setup
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=25
-	$(BIN)/python scripts/run_timm_model_tests.py
+	$(BIN)/python -m pytest tests -n 2 --dist loadgroup -q -p no:cacheprovider --durations=25
+	$(BIN)/python scripts/run_timm_model_tests.py -n 2
 
 test-unit: setup
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider
 
 test-timm: setup
-	$(BIN)/python scripts/run_timm_model_tests.py
+	$(BIN)/python scripts/run_timm_model_tests.py -n 2
 
 bench: setup
 	$(BIN)/python scripts/benchmark.py
