@@ -54,7 +54,7 @@ def input_size(model, target=SMALL):
 
 @torch.no_grad()
 def randomize_norms(model, seed=0, size=None):
-    """Calibrate every BatchNorm's running statistics on a random batch, then randomize its affine parameters.
+    """Randomize every BatchNorm's affine parameters, then calibrate its running statistics on a random batch.
 
     Statistics measured on data keep the activations well scaled through deep residual stacks (arbitrary random
     statistics blow a ResNet-50 up, and fp32 rounding with it), and they are far from the init values (0, 1),
@@ -62,6 +62,15 @@ def randomize_norms(model, seed=0, size=None):
     """
     g = torch.Generator().manual_seed(seed)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    # affine parameters first, so that the calibration below sees the network as it will run
+    for m in norms:
+        n = m.num_features
+        if size is None and m.running_mean is not None:
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+        if m.weight is not None:
+            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(n, generator=g) * 0.2)
     if size is not None:
         momenta = [m.momentum for m in norms]
         for m in norms:
@@ -76,14 +85,6 @@ def randomize_norms(model, seed=0, size=None):
             m.momentum = momentum
             if m.running_var is not None:  # dead channels (var ~ 0) would amplify rounding ~300x per layer
                 m.running_var.clamp_(min=0.05)
-    for m in norms:
-        n = m.num_features
-        if size is None and m.running_mean is not None:
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-        if m.weight is not None:
-            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(n, generator=g) * 0.2)
     return model
 
 
