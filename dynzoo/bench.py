@@ -74,6 +74,13 @@ def timm_counterpart(name: str) -> Optional[str]:
     return None
 
 
+class _TwinConv2d(nn.Conv2d):
+    """The static stand-in of a dynamic conv: ignores the extra conditioning inputs some take (DMF's token)."""
+
+    def forward(self, x: torch.Tensor, *conditioning) -> torch.Tensor:  # noqa: D401
+        return super().forward(x)
+
+
 def static_twin(model: nn.Module) -> Optional[nn.Module]:
     """A deep copy of ``model`` with every :class:`DynamicConv2dBase` replaced by a plain ``nn.Conv2d`` of the same
     geometry (no bias: in the zoo's hosts a BatchNorm follows). ``None`` if the model has no dynamic conv."""
@@ -83,8 +90,8 @@ def static_twin(model: nn.Module) -> Optional[nn.Module]:
         return None
     for name, m in targets:
         w = m.weight
-        conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-                         bias=False, device=w.device, dtype=w.dtype)
+        conv = _TwinConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                           bias=False, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             conv.weight.copy_(w[0])
         parent_name, _, child = name.rpartition('.')
