@@ -269,10 +269,8 @@ CONVERT_CASES = [('fmdconv_resnet18', False), ('attnet_t1', False), ('dmf_xxs', 
 @pytest.mark.parametrize('name,use_ema', CONVERT_CASES, ids=[f'{n}{"-ema" if e else ""}' for n, e in CONVERT_CASES])
 def test_convert_authors_checkpoint(name, use_ema, tmp_path):
     """`dynzoo convert` on the authors' container of each parity fixture: the safetensors it writes reproduces
-    the authors' logits; the entry holds sha256, size and the source release. A model that is not registered
-    (family not merged yet) is the only reason to skip."""
-    if not timm.is_model(name):
-        pytest.skip(f'{name} is not registered in this checkout')
+    the authors' logits; the entry holds sha256, size and the source release."""
+    assert timm.is_model(name), f'{name} is not registered'
     from dynzoo.convert import cli_main
     meta = json.loads((FIXTURES / f'{name}.official.json').read_text())
     sd, x, logits = _authors_state_dict(FIXTURES / f'{name}.official.safetensors')
