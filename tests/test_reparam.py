@@ -71,6 +71,14 @@ def randomize_norms(model, seed=0, size=None):
         if m.weight is not None:
             m.weight.copy_(torch.rand(n, generator=g) + 0.5)
             m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    # residual branches end in a small gain, as timm's zero_init_last intends: deep hosts stay well conditioned
+    for block in model.modules():
+        if hasattr(block, 'zero_init_last'):
+            before = {id(m): m.weight.clone() for m in norms if m.weight is not None}
+            block.zero_init_last()
+            for m in norms:
+                if m.weight is not None and id(m) in before and not torch.equal(before[id(m)], m.weight):
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.1 + 0.05)
     if size is not None:
         momenta = [m.momentum for m in norms]
         for m in norms:
