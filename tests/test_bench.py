@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import dynzoo  # noqa: F401
 from dynzoo.bench import cli_main, static_twin, timm_counterpart
@@ -21,7 +22,11 @@ def test_static_twin_swaps_every_dynamic_conv():
     assert sum(isinstance(m, DynamicConv2dBase) for m in model.modules()) == 16  # the original is untouched
     assert count_params(twin) == count_params(timm.create_model('resnet18')) == 11_689_512
     conv = twin.layer4[1].conv2
-    assert type(conv) is nn.Conv2d and conv.weight.shape == (512, 512, 3, 3) and conv.bias is None
+    assert isinstance(conv, nn.Conv2d) and conv.weight.shape == (512, 512, 3, 3) and conv.bias is None
+    assert [n for n, _ in conv.named_parameters()] == ['weight']  # a plain static conv, nothing more
+    x = torch.randn(2, 512, 4, 4)
+    with torch.no_grad():  # the extra conditioning input a DMF conv takes is ignored, the result is nn.Conv2d's
+        torch.testing.assert_close(conv(x, torch.randn(2, 6, 192)), F.conv2d(x, conv.weight, padding=1))
     with torch.no_grad():
         assert twin.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
     assert static_twin(timm.create_model('resnet18')) is None
