@@ -1,6 +1,9 @@
 """``dynzoo.bench``: the static twin, counterpart mapping, and a tiny end-to-end run of the CLI (no timing asserted)."""
 import json
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -9,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dynzoo  # noqa: F401
-from dynzoo.bench import cli_main, static_twin, timm_counterpart
+from dynzoo.bench import cli_main, set_cpu_allocator, static_twin, timm_counterpart
 from dynzoo.flops import count_params
 from dynzoo.layers.dynamic import DynamicConv2dBase, get_default_strategy
 from dynzoo.metrics import N_IMAGENET
@@ -44,7 +47,7 @@ def test_cli_end_to_end(tmp_path):
     out = tmp_path / 'bench'
     rc = cli_main(['fmdconv_resnet18', '--batch-sizes', '2', '--train-batch-sizes', '2', '--img-size', '32',
                    '--repeats', '1', '--threads', '1', '--timer', 'cpu', '--no-timm', '--quiet',
-                   '--accuracy', 'fmdconv_resnet18=73.21', '--out', str(out)])
+                   '--accuracy', 'fmdconv_resnet18=73.21', '--allocator', 'default', '--out', str(out)])
     assert rc == 0
     assert {'bench.json', 'bench.csv', 'bench.md'} <= set(os.listdir(out))
     data = json.loads((out / 'bench.json').read_text())
@@ -60,3 +63,18 @@ def test_cli_end_to_end(tmp_path):
     assert dyn['ies'] == pytest.approx(epoch_s / 0.7321) and dyn['rcs'] == pytest.approx(N_IMAGENET / dyn['ies'])
     assert rows['fmdconv_resnet18', 'eval']['ies'] is None  # IES / RCS use train time only
     assert get_default_strategy() == 'auto'  # restored after the run
+
+
+def test_retain_allocator_in_a_benchmark_process():
+    """``--allocator retain`` (the default) sets glibc's mallopt in the benchmark's own process and is recorded;
+    run in a subprocess, so the test worker's allocator is left alone."""
+    code = ('from dynzoo.bench import set_cpu_allocator, environment; '
+            'assert environment()["allocator"] == "default"; '
+            'mode = set_cpu_allocator("retain"); '
+            'assert environment()["allocator"] == mode; print(mode)')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = 'retain' if platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc' else 'default'
+    assert proc.stdout.strip() == expected
+    with pytest.raises(ValueError, match='allocator'):
+        set_cpu_allocator('jemalloc')

@@ -79,9 +79,11 @@ def _run(inp, strategy):
 
 @pytest.fixture
 def tiny_tiles(monkeypatch):
-    """Tile budgets of 96 bytes: every geometry here is split into several row tiles and sample chunks."""
+    """Tile budgets of 96 bytes: every geometry here is split into several row tiles and sample chunks (for one
+    thread, several threads, and training alike)."""
     monkeypatch.setattr(core, 'TILE_BYTES', 96)
     monkeypatch.setattr(core, 'TRAIN_TILE_BYTES', 96)
+    monkeypatch.setattr(core, 'THREAD_TILE_BYTES', 96 // max(1, torch.get_num_threads()))
 
 
 def _check_all_strategies(geometry, options):
@@ -141,10 +143,15 @@ def test_batch_one_and_large_kernel_tiling(tiny_tiles):
     torch.testing.assert_close(_run(inp, 'tiled'), _run(inp, 'loop'), rtol=1e-5, atol=1e-5)
 
 
-def test_tiled_builds_one_tile_at_a_time(monkeypatch):
-    """The tiled strategy never holds more than ``TILE_BYTES`` of aggregated kernels per call of the aggregation."""
+@pytest.mark.parametrize('threads', [1, 2])
+def test_tiled_builds_one_tile_at_a_time(monkeypatch, threads):
+    """The tiled strategy never holds more than its tile budget of aggregated kernels per call of the aggregation,
+    with the one-thread plan (rows first) and the multi-thread plan (samples first)."""
     budget = 4096
     monkeypatch.setattr(core, 'TILE_BYTES', budget)
+    monkeypatch.setattr(core, 'THREAD_TILE_BYTES', budget // threads)
+    monkeypatch.setattr(core, 'THREAD_TILE_SAMPLES', 2)
+    assert core.tile_config(False, threads) == (budget, 1 if threads == 1 else 2 * threads)
     sizes = []
     real = core.aggregate_kernels
 
@@ -155,12 +162,32 @@ def test_tiled_builds_one_tile_at_a_time(monkeypatch):
 
     monkeypatch.setattr(core, 'aggregate_kernels', spy)
     inp = _inputs((32, 32, 3, 1, 1, 1, 1), OPTIONS['bias'], batch=8)  # one sample's kernels: 36,864 bytes
-    with torch.no_grad():
-        out = _run(inp, 'tiled')
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            out = _run(inp, 'tiled')
+    finally:
+        torch.set_num_threads(previous)
     assert len(sizes) > 8  # row tiles x sample chunks
     assert max(sizes) <= budget
     monkeypatch.setattr(core, 'aggregate_kernels', real)
     torch.testing.assert_close(out, _run(inp, 'loop'), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('threads', [1, 2])
+def test_tiled_matches_loop_with_either_plan_at_default_budgets(threads):
+    """Real budgets, a deep layer: the one-thread and the multi-thread tile plans give the loop's result."""
+    inp = _inputs((64, 96, 3, 1, 1, 1, 4), OPTIONS['everything'], batch=12)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            out = _run(inp, 'tiled')
+    finally:
+        torch.set_num_threads(previous)
+    with torch.no_grad():
+        torch.testing.assert_close(out, _run(inp, 'loop'), rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_builds_all_kernels(monkeypatch):
@@ -237,6 +264,35 @@ def test_tile_plan_invariants(batch, c_out, groups, row, budget):
         assert rows * samples * row * 4 <= budget
     if c_out * row * 4 <= budget:  # the whole layer's kernel fits: only the batch is chunked
         assert rows == c_out and samples == min(batch, budget // (c_out * row * 4))
+
+
+@pytest.mark.parametrize('batch, c_out, groups, row, budget, min_samples', [
+    (32, 512, 1, 512 * 9, 8 << 20, 8), (32, 256, 1, 256 * 9, 8 << 20, 8), (32, 64, 1, 64 * 9, 8 << 20, 8),
+    (3, 512, 1, 512 * 9, 8 << 20, 8), (8, 96, 3, 32 * 9, 4096, 4), (16, 64, 64, 9, 1024, 8), (2, 7, 1, 1000, 10, 8),
+])
+def test_tile_plan_samples_first_invariants(batch, c_out, groups, row, budget, min_samples):
+    rows, samples = tile_plan(batch, c_out, groups, row, 4, budget, min_samples)
+    step = 1 if groups == 1 else c_out // groups
+    assert 1 <= rows <= c_out and 1 <= samples <= batch and rows % step == 0
+    if rows > step:  # the minimum tile may exceed a tiny budget; any larger one never does
+        assert rows * samples * row * 4 <= budget
+    if budget // (min(batch, min_samples) * row * 4) >= max(8, step):  # room for 8 rows of every sample wanted:
+        assert samples >= min(batch, min_samples)  # the tile is sized for the samples first
+        assert rows == c_out or rows % 8 == 0
+    else:  # otherwise the one-thread plan (rows first)
+        assert (rows, samples) == tile_plan(batch, c_out, groups, row, 4, budget)
+
+
+def test_tile_plan_multi_thread_resnet18():
+    # 2 threads: 8 MiB tiles of at least 8 samples; 512->512 3x3 takes 56 rows x 8 samples, 64->64 the whole layer
+    # for all 32 samples
+    budget, min_samples = core.tile_config(False, threads=2)
+    assert (budget, min_samples) == (2 * core.THREAD_TILE_BYTES, 2 * core.THREAD_TILE_SAMPLES) == (8 << 20, 8)
+    assert tile_plan(32, 512, 1, 512 * 9, 4, budget, min_samples) == (56, 8)
+    assert tile_plan(32, 64, 1, 64 * 9, 4, budget, min_samples) == (64, 32)
+    assert tile_plan(1, 512, 1, 512 * 9, 4, budget, min_samples) == (448, 1)  # batch 1: 455 rows fit, 448 = 8 * 56
+    assert core.tile_config(True, threads=2) == (core.TRAIN_TILE_BYTES, 1)
+    assert core.tile_config(False, threads=1) == (core.TILE_BYTES, 1)
 
 
 def test_tile_plan_resnet18_stage4():

@@ -49,8 +49,8 @@ from timm.layers import to_2tuple
 
 __all__ = [
     'STRATEGIES', 'aggregate_kernels', 'per_sample_conv2d', 'dynamic_conv2d', 'select_strategy',
-    'DynamicConv2dBase', 'set_default_strategy', 'get_default_strategy', 'tile_plan', 'TILE_BYTES',
-    'TRAIN_TILE_BYTES', 'DENSE_TRAIN_RATIO',
+    'DynamicConv2dBase', 'set_default_strategy', 'get_default_strategy', 'tile_plan', 'tile_config', 'TILE_BYTES',
+    'TRAIN_TILE_BYTES', 'THREAD_TILE_BYTES', 'THREAD_TILE_SAMPLES', 'DENSE_TRAIN_RATIO',
 ]
 
 STRATEGIES = ('auto', 'grouped', 'tiled', 'dense', 'bmm', 'loop')
@@ -60,6 +60,11 @@ _DEFAULT_STRATEGY = ['auto']
 TILE_BYTES = 2 * 1024 * 1024
 # the same in training, where autograd overhead per tile favours fewer, larger tiles (measured, docs/performance.md)
 TRAIN_TILE_BYTES = 8 * 1024 * 1024
+# eval with several threads: tiles of this many bytes and at least this many samples per thread, so that each
+# tile's grouped conv has a group per sample to spread over the threads (2 threads: 8 MiB, 8 samples; measured
+# 13-25 % faster whole-network eval at batch 32 than the one-thread plan, docs/performance.md)
+THREAD_TILE_BYTES = 4 * 1024 * 1024
+THREAD_TILE_SAMPLES = 4
 # training uses 'dense' where one output channel's kernel is this many times its output map (see select_strategy;
 # the default of its ``dense_train_ratio`` argument, a literal there so that TorchScript compiles it)
 DENSE_TRAIN_RATIO = 64
@@ -169,19 +174,25 @@ def tile_plan(
         kernel_row_elems: int,
         elem_size: int = 4,
         budget: int = 2 * 1024 * 1024,
+        min_samples: int = 1,
 ) -> Tuple[int, int]:
     """``(rows, samples)`` of one tile of the ``'tiled'`` strategy: the aggregated kernels of ``samples`` samples
     for ``rows`` output channels take at most ``budget`` bytes (at least one sample and one group's outputs).
 
     ``kernel_row_elems`` is ``C_in/g * kh * kw`` (one output channel's kernel); ``budget`` defaults to
-    :data:`TILE_BYTES`'s default. With ``groups > 1``, ``rows`` is a multiple of the outputs per group, so a tile covers
-    whole conv groups.
+    :data:`TILE_BYTES`'s default. With ``min_samples == 1`` rows come first (as many output channels as fit, then
+    as many samples); with ``min_samples > 1`` the tile is sized for ``min(batch, min_samples)`` samples first and
+    its rows are a multiple of 8 (the multi-thread plan, :func:`tile_config`). With ``groups > 1``, ``rows`` is a
+    multiple of the outputs per group, so a tile covers whole conv groups.
     """
     per_row = max(1, kernel_row_elems * elem_size)
     step = 1 if groups == 1 else out_channels // groups  # a tile never splits a conv group
-    if out_channels * per_row <= budget:
+    samples_first = budget // (min(batch, min_samples) * per_row) // 8 * 8  # 0 when under 8 rows would fit
+    if out_channels * per_row * min(batch, min_samples) <= budget:
         rows = out_channels
-    else:
+    elif min_samples > 1 and samples_first // step * step >= 8:
+        rows = samples_first // step * step
+    else:  # rows first (also the fallback when the samples-first tile would be under 8 rows)
         rows = max(step, (budget // per_row) // step * step)
     samples = max(1, min(batch, budget // (rows * per_row)))
     return rows, samples
@@ -199,13 +210,14 @@ def _tiled_dynamic_conv2d(
         dilation: Tuple[int, int],
         groups: int,
         budget: int,
+        min_samples: int = 1,
 ) -> torch.Tensor:
     """The ``'tiled'`` strategy: per-sample kernels built tile by tile (:func:`tile_plan`), each tile consumed by
     :func:`per_sample_conv2d` at once. Output-channel tiles are the outer loop, so a tile of the bank is read from
     memory once and reused from cache by every sample chunk."""
     batch = x.shape[0]
     num_k, c_out, c_in_g, kh, kw = weight.shape
-    rows, samples = tile_plan(batch, c_out, groups, c_in_g * kh * kw, x.element_size(), budget)
+    rows, samples = tile_plan(batch, c_out, groups, c_in_g * kh * kw, x.element_size(), budget, min_samples)
     out_per_group = c_out // groups
     pointwise = _is_pointwise(kh, kw, padding, groups)
     inner = 'bmm' if pointwise else 'grouped'
@@ -241,8 +253,20 @@ def _tiled_dynamic_conv2d(
     return row_tiles[0] if len(row_tiles) == 1 else torch.cat(row_tiles, 1)
 
 
-def _tile_bytes(training: bool) -> int:
-    return int(TRAIN_TILE_BYTES if training else TILE_BYTES)
+def tile_config(training: bool, threads: Optional[int] = None) -> Tuple[int, int]:
+    """``(budget bytes, min samples)`` of the ``'tiled'`` strategy's tiles for this call (see :func:`tile_plan`).
+
+    Training: :data:`TRAIN_TILE_BYTES`, rows first. Eval on one thread: :data:`TILE_BYTES`, rows first. Eval on
+    ``n > 1`` threads (default ``torch.get_num_threads()``): ``n *`` :data:`THREAD_TILE_BYTES` and at least
+    ``n *`` :data:`THREAD_TILE_SAMPLES` samples per tile. Measured on 1 and 2 threads (``docs/performance.md``);
+    larger thread counts extrapolate the per-thread sizes.
+    """
+    if training:
+        return int(TRAIN_TILE_BYTES), 1
+    n = torch.get_num_threads() if threads is None else int(threads)
+    if n <= 1:
+        return int(TILE_BYTES), 1
+    return int(THREAD_TILE_BYTES) * n, int(THREAD_TILE_SAMPLES) * n
 
 
 def _is_exporting() -> bool:
@@ -355,10 +379,11 @@ def dynamic_conv2d(
         agg_bias = _aggregate_bias(bias, kernel_attn, static_bias, batch)
         training = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
         budget = 8 * 1024 * 1024 if training else 2 * 1024 * 1024
+        min_samples = 1
         if not torch.jit.is_scripting():
-            budget = _tile_bytes(training)
-        y = _tiled_dynamic_conv2d(
-            x, weight, kernel_attn, spatial_attn, static_weight, agg_bias, stride, padding, dilation, groups, budget)
+            budget, min_samples = tile_config(training)
+        y = _tiled_dynamic_conv2d(x, weight, kernel_attn, spatial_attn, static_weight, agg_bias, stride, padding,
+                                  dilation, groups, budget, min_samples)
     else:
         if strategy not in ('grouped', 'loop', 'dense', 'bmm'):
             raise ValueError(
