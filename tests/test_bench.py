@@ -66,7 +66,7 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_retain_allocator_in_a_benchmark_process():
-    """``--allocator retain`` (the default) sets glibc's mallopt in the benchmark's own process and is recorded;
+    """``--allocator retain`` sets glibc's mallopt in the benchmark's own process and is recorded;
     run in a subprocess, so the test worker's allocator is left alone."""
     code = ('from dynzoo.bench import set_cpu_allocator, environment; '
             'assert environment()["allocator"] == "default"; '
