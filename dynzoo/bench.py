@@ -264,6 +264,27 @@ class BenchResult:
     times_ms: List[float] = field(default_factory=list)
 
 
+def interleaved_medians(
+        fns: Dict[str, Callable[[], object]],
+        repeats: int,
+        warmup: int = 1,
+        clock: Callable[[], float] = time.perf_counter,
+) -> Dict[str, float]:
+    """Median seconds per call of each function, the calls interleaved round by round (every round calls each
+    function once, in turn), so that load from other processes hits all of them alike. For the scripts under
+    ``scripts/`` that time variants side by side."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = clock()
+            fn()
+            times[k].append(clock() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _progress(msg: str, quiet: bool) -> None:
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
@@ -570,7 +591,7 @@ def write_reports(results: Sequence[BenchResult], out_dir: str, layer_rows: Sequ
                 d.pop('times_ms')
                 w.writerow(d)
         paths['csv'] = os.path.join(out_dir, 'bench.csv')
-    md = [f'# dynzoo bench\n', f'`{command}`\n' if command else '',
+    md = ['# dynzoo bench\n', f'`{command}`\n' if command else '',
           'Environment: ' + ', '.join(f'{k} {v}' for k, v in env.items()) + '\n',
           'Times are medians of interleaved repeats; `x twin` / `x timm` are ratios of median '
           f'{"wall" if not results or results[0].timer == "wall" else "process CPU"} time to the static '

@@ -10,11 +10,10 @@ the printed ratios (time / time of ``grouped``, measured side by side) are robus
     python scripts/bench_atconv.py [--threads 1] [--reps 15] [--batches 1 32]
 """
 import argparse
-import statistics
-import time
 
 import torch
 
+from dynzoo.bench import interleaved_medians
 from dynzoo.layers.atconv import ATConv2d
 from dynzoo.layers.dynamic import per_sample_depthwise_conv2d
 
@@ -50,16 +49,7 @@ def _layer_fn(strategy, batch, channels, size, train):
 
 
 def bench(make_fn, batch, channels, size, train, reps):
-    fns = {s: make_fn(s, batch, channels, size, train) for s in STRATEGIES}
-    times = {s: [] for s in STRATEGIES}
-    for fn in fns.values():  # warm-up
-        fn()
-    for _ in range(reps):
-        for s, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[s].append(time.perf_counter() - t0)
-    med = {s: statistics.median(v) for s, v in times.items()}
+    med = interleaved_medians({s: make_fn(s, batch, channels, size, train) for s in STRATEGIES}, reps)
     return {s: med[s] / med['grouped'] for s in STRATEGIES}, med['grouped']
 
 

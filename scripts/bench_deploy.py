@@ -19,7 +19,6 @@ Usage::
 """
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ import torch
 import timm
 
 import dynzoo
+from dynzoo.bench import interleaved_medians
 from dynzoo.export import export_onnx, onnxruntime_session
 
 DEFAULT_SMALL_HINTS = ('mobilenetv2_050', 'xxs', 'cspdarknet_n', 'resnet18', 't1', 'xs')
@@ -50,16 +50,8 @@ def one_per_family():
 
 def _round_robin(fns, rounds, warmup):
     """Median seconds per call of each fn, calls interleaved round by round."""
-    for _ in range(warmup):
-        for f in fns:
-            f()
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, f in enumerate(fns):
-            t0 = time.perf_counter()
-            f()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    med = interleaved_medians(dict(enumerate(fns)), rounds, warmup)
+    return [med[i] for i in range(len(fns))]
 
 
 def bench_model(name, img_size, threads, rounds1, rounds32, batch, tmpdir):

@@ -9,12 +9,11 @@ The numbers in ``docs/performance.md`` ('Dispatcher') come from this script.
     python scripts/bench_tile_plan.py [--threads 1 2] [--reps 7] [--batch 32]
 """
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from dynzoo.bench import interleaved_medians
 from dynzoo.layers import dynamic as core
 
 LAYERS = ((64, 56), (128, 28), (256, 14), (512, 7))  # (channels, H = W) of ResNet-18's 3x3 stage convs
@@ -41,15 +40,7 @@ def bench_layer(channels, size, batch, threads, reps):
                                      'loop')
         for name in ('rows first', 'samples first'):
             torch.testing.assert_close(variants[name](), ref, rtol=1e-4, atol=1e-4)  # exact plans, not just fast
-        times = {k: [] for k in variants}
-        for fn in variants.values():
-            fn()
-        for _ in range(reps):
-            for k, fn in variants.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+        med = interleaved_medians(variants, reps)
     plans = {'rows first': core.tile_plan(batch, channels, 1, channels * 9, 4, core.TILE_BYTES, 1),
              'samples first': core.tile_plan(batch, channels, 1, channels * 9, 4, *multi)}
     return med, plans

@@ -143,6 +143,17 @@ def test_batch_one_and_large_kernel_tiling(tiny_tiles):
     torch.testing.assert_close(_run(inp, 'tiled'), _run(inp, 'loop'), rtol=1e-5, atol=1e-5)
 
 
+def _run_tiled_on_threads(inp, threads):
+    """``'tiled'`` under ``torch.no_grad`` with ``threads`` intra-op threads (the tile plan depends on them)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            return _run(inp, 'tiled')
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize('threads', [1, 2])
 def test_tiled_builds_one_tile_at_a_time(monkeypatch, threads):
     """The tiled strategy never holds more than its tile budget of aggregated kernels per call of the aggregation,
@@ -162,13 +173,7 @@ def test_tiled_builds_one_tile_at_a_time(monkeypatch, threads):
 
     monkeypatch.setattr(core, 'aggregate_kernels', spy)
     inp = _inputs((32, 32, 3, 1, 1, 1, 1), OPTIONS['bias'], batch=8)  # one sample's kernels: 36,864 bytes
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            out = _run(inp, 'tiled')
-    finally:
-        torch.set_num_threads(previous)
+    out = _run_tiled_on_threads(inp, threads)
     assert len(sizes) > 8  # row tiles x sample chunks
     assert max(sizes) <= budget
     monkeypatch.setattr(core, 'aggregate_kernels', real)
@@ -179,13 +184,7 @@ def test_tiled_builds_one_tile_at_a_time(monkeypatch, threads):
 def test_tiled_matches_loop_with_either_plan_at_default_budgets(threads):
     """Real budgets, a deep layer: the one-thread and the multi-thread tile plans give the loop's result."""
     inp = _inputs((64, 96, 3, 1, 1, 1, 4), OPTIONS['everything'], batch=12)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            out = _run(inp, 'tiled')
-    finally:
-        torch.set_num_threads(previous)
+    out = _run_tiled_on_threads(inp, threads)
     with torch.no_grad():
         torch.testing.assert_close(out, _run(inp, 'loop'), rtol=1e-5, atol=1e-5)
 
