@@ -253,6 +253,13 @@ def _tiled_dynamic_conv2d(
     return row_tiles[0] if len(row_tiles) == 1 else torch.cat(row_tiles, 1)
 
 
+@torch.compiler.assume_constant_result
+def _intra_op_threads() -> int:
+    """``torch.get_num_threads()``, a constant to ``torch.compile`` (Dynamo cannot trace it; a compiled graph keeps
+    the tile plan of the thread count it was compiled with, which changes its speed, never its result)."""
+    return torch.get_num_threads()
+
+
 def tile_config(training: bool, threads: Optional[int] = None) -> Tuple[int, int]:
     """``(budget bytes, min samples)`` of the ``'tiled'`` strategy's tiles for this call (see :func:`tile_plan`).
 
@@ -263,7 +270,7 @@ def tile_config(training: bool, threads: Optional[int] = None) -> Tuple[int, int
     """
     if training:
         return int(TRAIN_TILE_BYTES), 1
-    n = torch.get_num_threads() if threads is None else int(threads)
+    n = _intra_op_threads() if threads is None else int(threads)
     if n <= 1:
         return int(TILE_BYTES), 1
     return int(THREAD_TILE_BYTES) * n, int(THREAD_TILE_SAMPLES) * n
