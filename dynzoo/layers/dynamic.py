@@ -62,7 +62,7 @@ TILE_BYTES = 2 * 1024 * 1024
 TRAIN_TILE_BYTES = 8 * 1024 * 1024
 # eval with several threads: tiles of this many bytes and at least this many samples per thread, so that each
 # tile's grouped conv has a group per sample to spread over the threads (2 threads: 8 MiB, 8 samples; measured
-# 13-25 % faster whole-network eval at batch 32 than the one-thread plan, docs/performance.md)
+# 11-25 % faster whole-network eval at batch 32 than the one-thread plan, docs/performance.md)
 THREAD_TILE_BYTES = 4 * 1024 * 1024
 THREAD_TILE_SAMPLES = 4
 # training uses 'dense' where one output channel's kernel is this many times its output map (see select_strategy;
