@@ -462,22 +462,20 @@ def bench_layers(
         chosen = select_strategy(x.shape[0], mod.in_channels, mod.out_channels, mod.kernel_size, mod.groups,
                                  mod.num_kernels, out_hw, False, False)
         saved = mod.strategy
-        times: Dict[str, List[float]] = {s: [] for s in ('static',) + tuple(strategies)}
+
+        def run_with(strategy, mod=mod, x=x):
+            def run():
+                mod.strategy = strategy
+                return mod(x)
+            return run
+
+        variants = {'static': lambda static=static, x=x: static(x)}
+        variants.update({s: run_with(s) for s in strategies})
         try:
             with torch.inference_mode():
-                for _ in range(repeats):
-                    for s in times:
-                        if s != 'static':
-                            mod.strategy = s
-                        t0 = clock()
-                        if s == 'static':
-                            static(x)
-                        else:
-                            mod(x)
-                        times[s].append(clock() - t0)
+                med = {s: t * 1e3 for s, t in interleaved_medians(variants, repeats, warmup=0, clock=clock).items()}
         finally:
             mod.strategy = saved
-        med = {s: statistics.median(v) * 1e3 for s, v in times.items()}
         row = dict(model=name, layer=f'{mod.in_channels}->{mod.out_channels} k{mod.kernel_size[0]} '
                                      f's{mod.stride[0]} g{mod.groups} @{x.shape[-2]}x{x.shape[-1]}',
                    batch_size=batch_size, dispatched=chosen, static_ms=med['static'],

@@ -57,12 +57,6 @@ def one_per_family():
     return sorted(best.values())
 
 
-def _round_robin(fns, rounds, warmup):
-    """Median seconds per call of each fn, calls interleaved round by round."""
-    med = interleaved_medians(dict(enumerate(fns)), rounds, warmup)
-    return [med[i] for i in range(len(fns))]
-
-
 @torch.no_grad()
 def calibrate_norms(model, size, batches=2, batch_size=8):
     """Set every BatchNorm's running statistics to those of ``batches`` random batches (cumulative average), so
@@ -114,10 +108,8 @@ def bench_model(name, img_size, threads, rounds1, rounds32, batch, tmpdir):
         with torch.inference_mode():
             ref64 = copy.deepcopy(model).double()(x.double())
         row[f'floor_b{b}'] = float((ref.double() - ref64).abs().max()) / scale
-        t_train, t_fused, t_ort = _round_robin([run_train, run_fused, run_ort], rounds, warmup=1)
-        row[f't_train_b{b}'] = t_train
-        row[f't_fused_b{b}'] = t_fused
-        row[f't_ort_b{b}'] = t_ort
+        med = interleaved_medians({'train': run_train, 'fused': run_fused, 'ort': run_ort}, rounds)
+        row.update({f't_{form}_b{b}': t for form, t in med.items()})
     row['export_s'] = export_s
     return row
 
