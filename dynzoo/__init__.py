@@ -5,10 +5,10 @@
 __version__ = '0.1.0'
 
 from dynzoo.layers.heads import set_temperature, get_temperatures, fmdconv_temperature, linear_temperature
-from dynzoo.hub import CheckpointError, PretrainedUnavailableError
+from dynzoo.models._hub import CheckpointError, PretrainedUnavailableError
 from dynzoo import models  # registers the models with timm
 from dynzoo.models import list_dynzoo_models
-from dynzoo.reparam import reparameterize
+from dynzoo.models._reparam import reparameterize
 
 __all__ = [
     '__version__', 'set_temperature', 'get_temperatures', 'fmdconv_temperature', 'linear_temperature',

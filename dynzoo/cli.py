@@ -1,7 +1,7 @@
 """``dynzoo`` command line: ``list | info | report | weights | bench | export | convert | publish``.
 
 ``list``, ``info``, ``report`` and ``weights`` live here; the other verbs are implemented next to the code they
-drive (``dynzoo.bench``, ``dynzoo.export``, ``dynzoo.convert``, ``dynzoo.publish``) and are imported lazily.
+drive (``dynzoo.tools.bench``, ``dynzoo.tools.export``, ``dynzoo.tools.convert``, ``dynzoo.tools.publish``) and are imported lazily.
 """
 import argparse
 import importlib
@@ -14,11 +14,11 @@ from typing import Dict, List, Optional, Sequence
 __all__ = ['main', 'format_table', 'model_rows', 'param_breakdown']
 
 _DELEGATED = {
-    'bench': ('dynzoo.bench', 'measure train/eval speed, memory, params and MACs against static twins'),
-    'export': ('dynzoo.export', 'export a model to ONNX or TorchScript'),
-    'convert': ('dynzoo.convert', "convert an authors' checkpoint to a dynzoo safetensors file"),
-    'publish': ('dynzoo.publish', 'write (and push) a timm-format hub folder'),
-    'train': ('dynzoo.train', 'train / fine-tune with timm components and a YAML recipe (torchrun for DDP)'),
+    'bench': ('dynzoo.tools.bench', 'measure train/eval speed, memory, params and MACs against static twins'),
+    'export': ('dynzoo.tools.export', 'export a model to ONNX or TorchScript'),
+    'convert': ('dynzoo.tools.convert', "convert an authors' checkpoint to a dynzoo safetensors file"),
+    'publish': ('dynzoo.tools.publish', 'write (and push) a timm-format hub folder'),
+    'train': ('dynzoo.tools.train', 'train / fine-tune with timm components and a YAML recipe (torchrun for DDP)'),
 }
 
 
@@ -46,7 +46,7 @@ def format_table(rows: Sequence[Dict[str, object]], columns: Optional[Sequence[s
     return '\n'.join([header, sep] + [fmt(r) for r in cells])
 
 
-# MAC convention each family's paper counts with (dynzoo.flops conventions): (convention, train_mode)
+# MAC convention each family's paper counts with (dynzoo.utils.flops conventions): (convention, train_mode)
 _MAC_CONVENTIONS = {'attnet': ('fvcore', True), 'dmf': ('fvcore', False)}
 
 
@@ -81,7 +81,7 @@ def _count_params(model) -> int:
 
 
 def _weights_status(name: str) -> str:
-    from dynzoo import hub
+    from dynzoo.models import _hub as hub
     entries = hub.entries_for(name)
     if not entries:
         return 'none'
@@ -172,7 +172,7 @@ def _cmd_info(args) -> int:
     print(format_table([{'key': k, 'value': cfg.get(k)} for k in keys]))
     print('\nparameters by part:')
     print(format_table(param_breakdown(model)))
-    from dynzoo import hub
+    from dynzoo.models import _hub as hub
     from dynzoo.models._builder import known_tags
     print('\npretrained tags:')
     tag_rows = []
@@ -185,7 +185,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_weights(args) -> int:
-    from dynzoo import hub
+    from dynzoo.models import _hub as hub
     index = hub.load_index()
     rows = []
     for e in index['entries']:
@@ -210,7 +210,7 @@ def _cmd_report(args) -> int:
     torch.manual_seed(0)
     names = [n for n in dynzoo.list_dynzoo_models() if not args.family or n.startswith(args.family)]
     try:
-        from dynzoo.flops import count_macs
+        from dynzoo.utils.flops import count_macs
     except ImportError:  # the counter is optional for the report
         count_macs = None
     rows, failures = [], 0

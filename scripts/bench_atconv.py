@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from dynzoo.bench import interleaved_medians
+from dynzoo.tools.bench import interleaved_medians
 from dynzoo.layers.atconv import ATConv2d
 from dynzoo.layers.dynamic import per_sample_depthwise_conv2d
 

@@ -5,7 +5,7 @@ For each model: eval latency at batch 1 (median ms) and throughput at batch 32 (
 
 * ``train form``  -- ``timm.create_model(name).eval()`` under ``torch.inference_mode()``;
 * ``reparam``     -- ``dynzoo.reparameterize(model)``, same PyTorch runtime;
-* ``onnxruntime`` -- the reparameterized model exported with a dynamic batch axis (``dynzoo.export.export_onnx``),
+* ``onnxruntime`` -- the reparameterized model exported with a dynamic batch axis (``dynzoo.tools.export.export_onnx``),
   run by onnxruntime's CPU provider with the same thread count.
 
 The three forms are timed round-robin (one call of each per round), so load from other processes hits them
@@ -38,8 +38,8 @@ import torch
 import timm
 
 import dynzoo
-from dynzoo.bench import interleaved_medians
-from dynzoo.export import export_onnx, onnxruntime_session
+from dynzoo.tools.bench import interleaved_medians
+from dynzoo.tools.export import export_onnx, onnxruntime_session
 
 DEFAULT_SMALL_HINTS = ('mobilenetv2_050', 'xxs', 'cspdarknet_n', 'resnet18', 't1', 'xs')
 

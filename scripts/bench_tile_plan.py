@@ -13,7 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from dynzoo.bench import interleaved_medians
+from dynzoo.tools.bench import interleaved_medians
 from dynzoo.layers import dynamic as core
 
 LAYERS = ((64, 56), (128, 28), (256, 14), (512, 7))  # (channels, H = W) of ResNet-18's 3x3 stage convs

@@ -12,7 +12,7 @@ root; about 7 and 2 minutes of CPU on an idle 2-core machine, much longer when i
 """
 import sys
 
-from dynzoo.bench import cli_main
+from dynzoo.tools.bench import cli_main
 
 if __name__ == '__main__':
     sys.exit(cli_main(sys.argv[1:], prog='scripts/benchmark.py'))

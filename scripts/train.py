@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Train / fine-tune a dynzoo model with timm's components (single process or ``torchrun`` DDP).
 
-Same as ``dynzoo train``; see ``dynzoo.train`` and ``docs/weights.md``.
+Same as ``dynzoo train``; see ``dynzoo.tools.train`` and ``docs/weights.md``.
 """
 import sys
 
-from dynzoo.train import cli_main
+from dynzoo.tools.train import cli_main
 
 if __name__ == '__main__':
     sys.exit(cli_main(sys.argv[1:]))

@@ -13,10 +13,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 import dynzoo
-from dynzoo import hub
+from dynzoo.models import _hub as hub
 from dynzoo.layers.atconv import ATConv2d, atconv_num_params
 from dynzoo.layers.dynamic import DEPTHWISE_STRATEGIES, per_sample_depthwise_conv2d
-from dynzoo.reparam import reparameterize
+from dynzoo.models._reparam import reparameterize
 from dynzoo.models.attnet import ATTNET_CONFIGS, AUTHORS_DROP_PATH, AttNet, checkpoint_filter_fn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def fvcore_style_gflops(model: nn.Module, size: int = 224) -> float:
     """Minimal FLOP counter with the paper's convention (fvcore ``FlopCountAnalysis(...).total()``): one per MAC of
     every conv / matmul (torch's ``FlopCounterMode`` counts 2 per MAC), plus fvcore's norm handles -- BatchNorm
     5 per element in train mode (2 in eval), LayerNorm 5 per element; GELU, adds, muls, pooling and the manual
-    RmsNorm2d are free, as in fvcore. Kept minimal on purpose; the project-wide counter belongs in dynzoo.flops."""
+    RmsNorm2d are free, as in fvcore. Kept minimal on purpose; the project-wide counter belongs in dynzoo.utils.flops."""
     norm_flops = []
 
     def hook(m, inputs, output):
@@ -305,7 +305,7 @@ def test_drop_path_and_recipes():
     assert {k: AUTHORS_DROP_PATH[k] for k in ('attnet_t1', 'attnet_t2', 'attnet_t3', 'attnet_t4')} == \
         {'attnet_t1': 0.1, 'attnet_t2': 0.2, 'attnet_t3': 0.4, 'attnet_t4': 0.5}
     for name in VARIANTS:
-        cfg = yaml.safe_load((ROOT / 'dynzoo' / 'recipes' / f'{name}.yaml').read_text())
+        cfg = yaml.safe_load((ROOT / 'dynzoo' / 'tools' / 'recipes' / f'{name}.yaml').read_text())
         assert cfg['model'] == name and cfg['drop_path'] == AUTHORS_DROP_PATH[name]
         assert (cfg['epochs'], cfg['lr'], cfg['opt'], cfg['sched'], cfg['warmup_epochs']) == \
             (300, 4e-3, 'adamw', 'cosine', 5)
@@ -368,9 +368,9 @@ def test_onnx_pool_matrix_equals_adaptive_pooling(length, bins):
 @pytest.mark.parametrize('what', ['attnet_xxs', 'atconv_2d'])
 def test_onnx_export_dynamic_batch(tmp_path, what):
     """ONNX lacks adaptive pooling with non-dividing sizes and static-group convs with a dynamic batch: the export
-    path (pooling matrices, dynzoo.export's GEMM per-sample conv) must match PyTorch at batch 1 and 3."""
+    path (pooling matrices, dynzoo.tools.export's GEMM per-sample conv) must match PyTorch at batch 1 and 3."""
     pytest.importorskip('onnxruntime')
-    from dynzoo.export import check_onnx, export_onnx
+    from dynzoo.tools.export import check_onnx, export_onnx
     if what == 'attnet_xxs':
         model, size = timm.create_model('attnet_xxs').eval(), (3, 64, 96)
     else:  # the paper's grid pooling, on one layer (the network path is the same as for '1d')

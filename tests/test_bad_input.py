@@ -15,7 +15,7 @@ import timm
 from safetensors.torch import save, save_file
 
 import dynzoo
-from dynzoo import hub
+from dynzoo.models import _hub as hub
 from dynzoo.layers import FMDConv2d
 
 from _hub_server import (

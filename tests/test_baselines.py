@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import timm
 import dynzoo
-from dynzoo import hub
+from dynzoo.models import _hub as hub
 from dynzoo.layers.dynamic import STRATEGIES
 from dynzoo.layers.odconv import CondConv2d, DynamicConv2d, ODConv2d
 

@@ -1,4 +1,4 @@
-"""``dynzoo.bench``: the static twin, counterpart mapping, and a tiny end-to-end run of the CLI (no timing asserted)."""
+"""``dynzoo.tools.bench``: the static twin, counterpart mapping, and a tiny end-to-end run of the CLI (no timing asserted)."""
 import json
 import os
 import platform
@@ -12,10 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dynzoo  # noqa: F401
-from dynzoo.bench import cli_main, set_cpu_allocator, static_twin, timm_counterpart
-from dynzoo.flops import count_params
+from dynzoo.tools.bench import cli_main, set_cpu_allocator, static_twin, timm_counterpart
+from dynzoo.utils.flops import count_params
 from dynzoo.layers.dynamic import DynamicConv2dBase, get_default_strategy
-from dynzoo.metrics import N_IMAGENET
+from dynzoo.utils.metrics import N_IMAGENET
 
 
 def test_static_twin_swaps_every_dynamic_conv():
@@ -68,7 +68,7 @@ def test_cli_end_to_end(tmp_path):
 def test_retain_allocator_in_a_benchmark_process():
     """``--allocator retain`` sets glibc's mallopt in the benchmark's own process and is recorded;
     run in a subprocess, so the test worker's allocator is left alone."""
-    code = ('from dynzoo.bench import set_cpu_allocator, environment; '
+    code = ('from dynzoo.tools.bench import set_cpu_allocator, environment; '
             'assert environment()["allocator"] == "default"; '
             'mode = set_cpu_allocator("retain"); '
             'assert environment()["allocator"] == mode; print(mode)')

@@ -15,7 +15,7 @@ from timm.models import FeatureInfo
 from timm.models._manipulate import group_parameters
 
 import dynzoo
-from dynzoo.hub import PretrainedUnavailableError, is_published
+from dynzoo.models._hub import PretrainedUnavailableError, is_published
 from dynzoo.models import FAMILIES, MODEL_INFO
 
 MODELS = dynzoo.list_dynzoo_models()

@@ -15,8 +15,8 @@ import timm
 from safetensors.torch import load_file
 
 import dynzoo
-from dynzoo import hub
-from dynzoo.publish import ENTRY_NAME, validate_entry, validate_index
+from dynzoo.models import _hub as hub
+from dynzoo.tools.publish import ENTRY_NAME, validate_entry, validate_index
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get('DYNZOO_FIXTURES', REPO.parent / 'shared' / 'fixtures' / 'official'))
@@ -30,7 +30,7 @@ HUB_REPO = 'dynzoo/attnet_xxs.digits'
 
 @pytest.fixture(scope='module')
 def digits_run(tmp_path_factory):
-    from dynzoo.train import cli_main
+    from dynzoo.tools.train import cli_main
     out = tmp_path_factory.mktemp('digits') / 'run'
     assert cli_main(['--config', 'attnet_xxs_digits', '--epochs', '2', '--warmup-epochs', '0', '--output', str(out),
                      '--threads', '1', '--no-progress']) == 0
@@ -48,7 +48,7 @@ def test_digits_finetune_reaches_accuracy(digits_run):
 
 @pytest.fixture(scope='module')
 def published_folder(digits_run, tmp_path_factory):
-    from dynzoo.publish import cli_main
+    from dynzoo.tools.publish import cli_main
     out, results = digits_run
     folder = tmp_path_factory.mktemp('hub') / 'attnet_xxs.digits'
     assert cli_main(['--train-dir', str(out), '--out', str(folder), '--repo-id', HUB_REPO, '--dry-run']) == 0
@@ -145,7 +145,7 @@ def local_hub():
 LOAD_AND_EVALUATE = '''
 import json, sys, torch, timm, dynzoo
 from timm.data import create_loader, resolve_data_config
-from dynzoo.train import digits_datasets, evaluate
+from dynzoo.tools.train import digits_datasets, evaluate
 torch.set_num_threads(1)
 name, val_fraction, seed, batch = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 model = timm.create_model(name, pretrained=True, num_classes=10).eval()
@@ -157,7 +157,7 @@ loader = create_loader(val, input_size=cfg['input_size'], batch_size=batch, is_t
 result = {'eval': evaluate(model, loader, torch.device('cpu')), 'cfg': model.pretrained_cfg['tag']}
 # the weights index is the gate: without the entry, the same call refuses (config.json is cached by now)
 import os
-from dynzoo.hub import PretrainedUnavailableError
+from dynzoo.models._hub import PretrainedUnavailableError
 os.environ['DYNZOO_WEIGHTS_INDEX'] = sys.argv[5]
 try:
     timm.create_model(name, pretrained=True, num_classes=10)
@@ -217,7 +217,7 @@ class _FakeHfApi:
 
 def test_publish_pushes_with_hfapi_and_records_revision(published_folder, tmp_path, monkeypatch):
     import huggingface_hub
-    from dynzoo.publish import cli_main
+    from dynzoo.tools.publish import cli_main
     monkeypatch.setattr(huggingface_hub, 'HfApi', _FakeHfApi)
     _FakeHfApi.calls = []
     index = tmp_path / 'index.json'
@@ -233,7 +233,7 @@ def test_publish_pushes_with_hfapi_and_records_revision(published_folder, tmp_pa
 
 def test_publish_refuses_modified_weights(published_folder, tmp_path):
     import shutil
-    from dynzoo.publish import publish_folder
+    from dynzoo.tools.publish import publish_folder
     copy = tmp_path / 'copy'
     shutil.copytree(published_folder, copy)
     with open(copy / 'model.safetensors', 'r+b') as f:
@@ -271,7 +271,7 @@ def test_convert_authors_checkpoint(name, use_ema, tmp_path):
     """`dynzoo convert` on the authors' container of each parity fixture: the safetensors it writes reproduces
     the authors' logits; the entry holds sha256, size and the source release."""
     assert timm.is_model(name), f'{name} is not registered'
-    from dynzoo.convert import cli_main
+    from dynzoo.tools.convert import cli_main
     meta = json.loads((FIXTURES / f'{name}.official.json').read_text())
     sd, x, logits = _authors_state_dict(FIXTURES / f'{name}.official.safetensors')
     ckpt = tmp_path / 'authors.pth'
@@ -300,7 +300,7 @@ def test_convert_authors_checkpoint(name, use_ema, tmp_path):
 
 def test_convert_refuses_wrong_architecture(tmp_path):
     """An authors' checkpoint of another network is refused, naming the mismatch; nothing is written."""
-    from dynzoo.convert import cli_main
+    from dynzoo.tools.convert import cli_main
     sd, _, _ = _authors_state_dict(FIXTURES / 'fmdconv_resnet18.official.safetensors')
     ckpt = tmp_path / 'r18.pth'
     torch.save({'state_dict': sd}, ckpt)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import dynzoo
-from dynzoo.export import check_onnx, cli_main, export_onnx, export_torchscript, per_sample_conv2d_gemm
+from dynzoo.tools.export import check_onnx, cli_main, export_onnx, export_torchscript, per_sample_conv2d_gemm
 from dynzoo.layers.dynamic import DynamicConv2dBase, aggregate_kernels, per_sample_conv2d
 
 from test_reparam import EDGE_MODEL, MODELS, RTOL, build, close, fp32_noise, input_size, one_per_family

@@ -1,4 +1,4 @@
-"""``dynzoo.flops``: parameter and MAC counts against the papers' and specs' tables, with stated tolerances.
+"""``dynzoo.utils.flops``: parameter and MAC counts against the papers' and specs' tables, with stated tolerances.
 
 Expected values are the specs' figures (``/work/shared/specs``): COMPUTED closed forms (FMDConv §1.7/§2.3, static
 appendix) must match to the printed digits; paper figures are compared at the paper's rounding or, where dynzoo's
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import dynzoo  # noqa: F401  (registers the models)
-from dynzoo.flops import CONVENTIONS, count_macs, count_model, count_params
+from dynzoo.utils.flops import CONVENTIONS, count_macs, count_model, count_params
 from dynzoo.layers import FMDConv2d, set_default_strategy
 from dynzoo.layers.dynamic import get_default_strategy
 

@@ -21,7 +21,7 @@ import timm
 from safetensors.torch import save, save_file
 
 import dynzoo
-from dynzoo import hub
+from dynzoo.models import _hub as hub
 
 from _hub_server import (
     DEFAULT_COMMIT, LocalHub, hub_env, perturbed_state_dict, published_entry, run_user_loads, sha256_bytes,

@@ -1,7 +1,7 @@
 """IES / RCS (FMDConv paper §3.2) against the test vectors of the FMDConv spec §5 (exact to 2 decimals)."""
 import pytest
 
-from dynzoo.metrics import N_CIFAR, N_IMAGENET, ies, rcs
+from dynzoo.utils.metrics import N_CIFAR, N_IMAGENET, ies, rcs
 
 # (time per epoch s, top-1 %, expected IES, expected RCS, N) -- spec §5 table, values printed by the paper
 VECTORS = [

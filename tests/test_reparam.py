@@ -18,8 +18,8 @@ import timm.utils
 
 import dynzoo
 from dynzoo.models import MODEL_INFO
-from dynzoo.models.dynamic_resnet import DynamicMobileNetV2, DynamicResNet
-from dynzoo.reparam import MARKER, fold_conv_bn_, is_reparameterized, reparameterize
+from dynzoo.models._hosts import DynamicMobileNetV2, DynamicResNet
+from dynzoo.models._reparam import MARKER, fold_conv_bn_, is_reparameterized, reparameterize
 
 MODELS = dynzoo.list_dynzoo_models()
 SMALL = 64

@@ -13,7 +13,7 @@ from dynzoo.layers.sgdm import (
     SGDM, GuidedDynamicConv2d, RDConv2d, StaticStripConv, StripSpatialAttention, razor_split, sgdm_num_params,
     static_guide, strip_to_square,
 )
-from dynzoo.reparam import reparameterize
+from dynzoo.models._reparam import reparameterize
 
 MODELS = ['sgdm_cspdarknet_n', 'sgdm_cspdarknet_s', 'sgdm_resnet18']
 

@@ -15,7 +15,7 @@ from timm.utils import random_seed
 
 import dynzoo
 from dynzoo.layers.heads import TemperatureMixin
-from dynzoo.train import (
+from dynzoo.tools.train import (
     RECIPE_DIR, TemperatureSchedule, apply_temperatures, create_model, create_optimizer, load_recipe, parse_args,
     train)
 
@@ -127,7 +127,7 @@ def _free_port():
 WORKER = '''
 import sys, torch
 from safetensors.torch import save_file
-from dynzoo.train import parse_args, train
+from dynzoo.tools.train import parse_args, train
 args = parse_args(sys.argv[1:])
 result = train(args)
 state = {k: v.contiguous() for k, v in result.model.state_dict().items()}

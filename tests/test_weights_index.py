@@ -10,8 +10,8 @@ import timm
 from timm.models import get_arch_pretrained_cfgs
 
 import dynzoo
-from dynzoo import hub
-from dynzoo.publish import IndexValidationError, update_index, validate_entry, validate_index
+from dynzoo.models import _hub as hub
+from dynzoo.tools.publish import IndexValidationError, update_index, validate_entry, validate_index
 
 DOCS = Path(__file__).resolve().parents[1] / 'docs' / 'weights.md'
 

@@ -1,7 +1,7 @@
 """What every dynzoo model builder shares: pretrained cfgs, the strict checkpoint path, family metadata.
 
 ``build_dynzoo_model`` wraps timm's ``build_model_with_cfg``: it resolves the pretrained config (refusing unknown
-tags instead of falling back), fetches the checkpoint through :mod:`dynzoo.hub` (sha256-checked hub download,
+tags instead of falling back), fetches the checkpoint through :mod:`dynzoo.models._hub` (sha256-checked hub download,
 local ``.safetensors``/``.pth`` with ``weights_only=True``) and hands it to timm as a state dict, behind the
 family's ``checkpoint_filter_fn`` and a key/shape check that refuses to half-load anything.
 """
@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs
 
-from dynzoo import hub
+from dynzoo.models import _hub as hub
 
 __all__ = ['dynzoo_cfg', 'generate_dynzoo_cfgs', 'build_dynzoo_model', 'register_family', 'FAMILIES',
            'MODEL_INFO', 'register_model_info', 'HUB_ORG', 'known_tags']

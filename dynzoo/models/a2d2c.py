@@ -27,10 +27,10 @@ import torch.nn as nn
 
 from timm.models import register_model
 
-from dynzoo import hub
+from dynzoo.models import _hub as hub
 from dynzoo.layers.a2d2c import A2D2CConv2d
 from ._builder import build_dynzoo_model, dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
-from .dynamic_resnet import DynamicMobileNetV2, DynamicResNet, resnet_layout
+from ._hosts import DynamicMobileNetV2, DynamicResNet, resnet_layout
 
 __all__ = ['checkpoint_filter_fn', 'A2D2C_PLACEMENTS']
 

@@ -22,7 +22,7 @@ what loads by default. ``timm.create_model(name, pretrained=True, use_ema=True, 
 instead (an error if the file has none). Which of the two the authors' released files hold is not documented.
 
 Drop-path rates (authors' launch scripts, spec §3.1/§4.2): T1 0.1, T2 0.2, T3 0.4, T4 0.5, S 0.05, XS 0.02,
-XXS 0 -- the training recipes (``dynzoo/recipes/attnet_*.yaml``) pass them; the constructors default to 0 as timm
+XXS 0 -- the training recipes (``dynzoo/tools/recipes/attnet_*.yaml``) pass them; the constructors default to 0 as timm
 models do. :meth:`AttNet.reparameterize` builds the exact inference form (conv+BN folds, LayerScale folded into
 the projections, pool-first ATConv context).
 """
@@ -37,7 +37,7 @@ from timm.models import register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from dynzoo import hub
+from dynzoo.models import _hub as hub
 from dynzoo.layers.atconv import ATConv2d
 from ._builder import build_dynzoo_model, dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
 

@@ -44,7 +44,7 @@ from timm.models import register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from dynzoo import hub
+from dynzoo.models import _hub as hub
 from dynzoo.layers.drconv import DynamicResidualConv2d
 from dynzoo.layers.heads import linear_temperature, set_temperature
 from ._builder import build_dynzoo_model, dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
@@ -801,7 +801,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
 
 # (C_out, E, stride, M2F heads) per block, spec §3 (Table 1 of the paper; XS from the authors' mmdet config).
 # Dropout / drop-path default to 0 as in timm; the authors train with drop_rate 0.3 (S), 0.2 (XXS), 0.3 (XS,
-# PROPOSED) and drop_path_rate 0.1 (spec §1.9): see dynzoo/recipes/dmf_*.yaml.
+# PROPOSED) and drop_path_rate 0.1 (spec §1.9): see dynzoo/tools/recipes/dmf_*.yaml.
 _S_BLOCKS = (
     (40, 144, 2, 2), (40, 120, 1, 2),
     (72, 240, 2, 2), (72, 216, 1, 2),

@@ -16,10 +16,10 @@ import torch
 
 from timm.models import register_model
 
-from dynzoo import hub
+from dynzoo.models import _hub as hub
 from dynzoo.layers.fmdconv import FMDConv2d
 from ._builder import build_dynzoo_model, dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
-from .dynamic_resnet import DynamicMobileNetV2, DynamicResNet, resnet_layout
+from ._hosts import DynamicMobileNetV2, DynamicResNet, resnet_layout
 
 __all__ = ['checkpoint_filter_fn', 'AUTHORS_KERNEL_TEMPERATURE']
 

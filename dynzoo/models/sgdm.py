@@ -30,11 +30,11 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.resnet import BasicBlock
 
-from dynzoo import hub
+from dynzoo.models import _hub as hub
 from dynzoo.layers.sgdm import SGDM
-from dynzoo.reparam import fold_batchnorm
+from dynzoo.models._reparam import fold_batchnorm
 from ._builder import build_dynzoo_model, dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
-from .dynamic_resnet import _make_blocks_reparameterizable
+from ._hosts import _make_blocks_reparameterizable
 
 __all__ = ['SGDMCSPDarknet', 'SGDMResNet', 'C2f', 'SPPF', 'CSPDarknetStage', 'YoloClassifyHead',
            'checkpoint_filter_fn']

@@ -6,7 +6,7 @@ in place) with two differences: the root model is visited too (the hosts fold th
 result is marked and guarded (see below). Every module implements its own inference form (MobileOne / FastViT
 style); this walker only orders the calls. What the modules of the zoo do:
 
-* the ResNet / MobileNetV2 hosts (:mod:`dynzoo.models.dynamic_resnet`) fold each BatchNorm that follows a conv
+* the ResNet / MobileNetV2 hosts (:mod:`dynzoo.models._hosts`) fold each BatchNorm that follows a conv
   into it -- a dynamic conv through its ``fuse_bn`` (BN is a per-output-channel affine map, so
   ``BN(o * conv(x, sum_k a_k W_k)) = o * conv(x, sum_k a_k s W_k) + t``), a static ``nn.Conv2d`` by the usual
   ``W' = s W``, ``b' = s (b - mu) + beta`` -- and drop the BN (a ``BatchNormAct2d`` leaves its activation);

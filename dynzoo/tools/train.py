@@ -14,7 +14,7 @@ What dynzoo adds:
   epoch, ``max(1, t0 - step * epoch)``, FMDConv §3.3.2), ``linear`` (per iteration, ``t0 -> t1`` over the first
   ``epochs`` epochs, DynamicConv/ODConv/A2D2C/DMF), ``constant``. The temperature in force is a buffer, so every
   checkpoint records the temperature its weights run at.
-* **Recipes** are YAML files (``dynzoo/recipes/*.yaml``, or any path) whose keys are this script's options.
+* **Recipes** are YAML files (``dynzoo/tools/recipes/*.yaml``, or any path) whose keys are this script's options.
 * **Built-in data**: ``sklearn/digits`` (the UCI handwritten digits shipped with scikit-learn, split by seed)
   and ``synthetic`` (a small generated set for smoke and DDP tests); everything else goes to timm's
   ``create_dataset`` (image folders, ``torch/cifar10``, ...).
@@ -48,7 +48,7 @@ __all__ = [
     'create_optimizer', 'evaluate', 'train', 'cli_main',
 ]
 
-_logger = logging.getLogger('dynzoo.train')
+_logger = logging.getLogger('dynzoo.tools.train')
 
 RECIPE_DIR = Path(__file__).with_name('recipes')
 CHECKPOINT_LAST = 'last.pth.tar'
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='dynzoo train', description=__doc__.split('\n\n')[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--config', '-c', default='', help='recipe: a YAML file, or the name of one in dynzoo/recipes')
+    p.add_argument('--config', '-c', default='', help='recipe: a YAML file, or the name of one in dynzoo/tools/recipes')
     g = p.add_argument_group('model')
     g.add_argument('--model', default='', help='registered model name (timm or dynzoo)')
     g.add_argument('--tag', default='', help='tag the resulting weights will be published under (e.g. digits)')
@@ -174,7 +174,7 @@ def _parse_temperature_option(text: str) -> List[Dict[str, Any]]:
 
 
 def find_recipe(name_or_path: str) -> Path:
-    """A recipe path: an existing file, or ``dynzoo/recipes/<name>[.yaml]``."""
+    """A recipe path: an existing file, or ``dynzoo/tools/recipes/<name>[.yaml]``."""
     path = Path(name_or_path)
     if path.is_file():
         return path
@@ -182,7 +182,7 @@ def find_recipe(name_or_path: str) -> Path:
         if candidate.is_file():
             return candidate
     known = ', '.join(sorted(p.stem for p in RECIPE_DIR.glob('*.yaml')))
-    raise FileNotFoundError(f'recipe {name_or_path!r} is neither a file nor one of dynzoo/recipes: {known}')
+    raise FileNotFoundError(f'recipe {name_or_path!r} is neither a file nor one of dynzoo/tools/recipes: {known}')
 
 
 def load_recipe(name_or_path: str, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str, Any]:

@@ -9,9 +9,9 @@ load from other processes hits all variants alike; reported times are medians ov
 Per variant and batch size: eval latency (``torch.inference_mode``) and train-step time (forward + cross-entropy
 backward, no optimizer step; model in train mode), throughput (from the median of the chosen timer: wall clock,
 or process CPU time with ``--timer cpu``, which on a machine shared with other jobs approximates the time of an
-idle machine when run with 1 thread), peak memory, params and MACs (``dynzoo.flops``, the
+idle machine when run with 1 thread), peak memory, params and MACs (``dynzoo.utils.flops``, the
 ``'macs'`` convention), and the ratio to the static twin and to the timm counterpart. Given an accuracy
-(``--accuracy model=top1``), the FMDConv paper's IES and RCS (``dynzoo.metrics``) are computed from the measured
+(``--accuracy model=top1``), the FMDConv paper's IES and RCS (``dynzoo.utils.metrics``) are computed from the measured
 train throughput: ``epoch time = N / (images per second)`` with ``N`` images per epoch (default ImageNet's).
 
 Peak memory on CPU is the process's peak resident set size during the first (untimed, warm-up) call above the resident size just
@@ -50,9 +50,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dynzoo.flops import count_macs, count_params
+from dynzoo.utils.flops import count_macs, count_params
 from dynzoo.layers.dynamic import DynamicConv2dBase, get_default_strategy, set_default_strategy
-from dynzoo.metrics import N_IMAGENET, ies, rcs
+from dynzoo.utils.metrics import N_IMAGENET, ies, rcs
 
 __all__ = [
     'static_twin', 'timm_counterpart', 'BenchResult', 'run_benchmark', 'bench_layers', 'write_reports',
@@ -311,7 +311,7 @@ def run_benchmark(
         compile_model: bool = False,
 ) -> List[BenchResult]:
     """Benchmark every model of ``models`` beside its static twin and timm counterpart; see the module docstring."""
-    import timm  # local: dynzoo.bench is imported by the CLI, keep its import light
+    import timm  # local: dynzoo.tools.bench is imported by the CLI, keep its import light
     import dynzoo  # noqa: F401  (registers the models)
 
     if timer not in ('wall', 'cpu'):
@@ -594,7 +594,7 @@ def write_reports(results: Sequence[BenchResult], out_dir: str, layer_rows: Sequ
           'Times are medians of interleaved repeats; `x twin` / `x timm` are ratios of median '
           f'{"wall" if not results or results[0].timer == "wall" else "process CPU"} time to the static '
           'twin / timm counterpart measured in the same run. Peak memory: peak RSS growth during one call (Linux '
-          'VmHWM). MACs per image (`dynzoo.flops`, convention `macs`).\n',
+          'VmHWM). MACs per image (`dynzoo.utils.flops`, convention `macs`).\n',
           markdown_table(results) if results else '']
     if layer_rows:
         md += ['\n## Layers (eval)\n', layers_markdown(layer_rows)]

@@ -30,7 +30,7 @@ from timm.models.resnet import BasicBlock, Bottleneck
 
 from dynzoo.layers.dynamic import DynamicConv2dBase
 
-from dynzoo.reparam import fold_batchnorm, fold_sequential_batchnorms
+from dynzoo.models._reparam import fold_batchnorm, fold_sequential_batchnorms
 
 __all__ = [
     'DynamicResNet', 'DynamicMobileNetV2', 'replace_convs', 'RESNET_PLACEMENT_NAMES', 'MOBILENETV2_PLACEMENTS',

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from dynzoo import hub
+from dynzoo.models import _hub as hub
 
 __all__ = [
     'STATUSES', 'SOURCE_TYPES', 'IndexValidationError', 'validate_entry', 'validate_index', 'model_card',

@@ -9,7 +9,7 @@
    strict check refuses any missing, unexpected or misshapen tensor (``--use-ema`` takes the EMA weights);
 2. writes ``model.state_dict()`` as ``model.safetensors`` with timm's ``config.json``, a ``README.md`` model card
    and ``index_entry.json`` (sha256, size, source: repository, commit, file, URL, container; the authors'
-   claimed metrics when given, marked ``measured_by: authors``) through :func:`dynzoo.publish.export_folder`;
+   claimed metrics when given, marked ``measured_by: authors``) through :func:`dynzoo.tools.publish.export_folder`;
 3. verifies that the safetensors file, loaded back with ``pretrained_cfg_overlay=dict(file=...)``, gives exactly
    the logits of the model converted from the authors' file.
 
@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from dynzoo import hub
+from dynzoo.models import _hub as hub
 
 __all__ = ['convert_checkpoint', 'parse_metric', 'cli_main']
 
@@ -76,7 +76,7 @@ def convert_checkpoint(
     """Convert ``checkpoint`` (an authors' file) for ``model_name``; returns the index entry of the result."""
     import timm
     import dynzoo
-    from dynzoo.publish import export_folder
+    from dynzoo.tools.publish import export_folder
 
     checkpoint = Path(checkpoint)
     if not timm.is_model(model_name):

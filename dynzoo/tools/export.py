@@ -202,9 +202,9 @@ def load_model(name: str, checkpoint: Optional[str] = None, reparameterize: bool
     ``dynzoo_reparameterized`` key) loads after it, and implies ``reparameterize``.
     """
     import timm
-    from dynzoo import hub
-    from dynzoo.reparam import MARKER
-    from dynzoo.reparam import reparameterize as _reparameterize
+    from dynzoo.models import _hub as hub
+    from dynzoo.models._reparam import MARKER
+    from dynzoo.models._reparam import reparameterize as _reparameterize
     state = None
     if checkpoint:
         state = hub.load_checkpoint_file(checkpoint)
@@ -272,7 +272,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _is_reparam(model: nn.Module) -> bool:
-    from dynzoo.reparam import is_reparameterized
+    from dynzoo.models._reparam import is_reparameterized
     return is_reparameterized(model)
 
 

@@ -1,4 +1,4 @@
-"""Parameter and MAC/FLOP counting that understands dynamic convolutions (``dynzoo.flops``).
+"""Parameter and MAC/FLOP counting that understands dynamic convolutions (``dynzoo.utils.flops``).
 
 The counter intercepts the ops a forward pass calls at the ``torch``/``torch.nn.functional`` level (a
 ``TorchFunctionMode``: it sees ``F.conv2d``, ``F.linear``, ``torch.mm``, ``F.batch_norm``, ... before any

@@ -29,7 +29,7 @@ __all__ = [
 
 INDEX_ENV = 'DYNZOO_WEIGHTS_INDEX'
 INDEX_SCHEMA = 'dynzoo-weights-index/1'
-_PACKAGE_INDEX = Path(__file__).with_name('weights_index.json')
+_PACKAGE_INDEX = Path(__file__).resolve().parents[1] / 'weights_index.json'
 
 
 class CheckpointError(RuntimeError):

@@ -1,0 +1,1 @@
+"""Counting and metrics: MACs / FLOPs (``flops``) and the dynamic-convolution metrics IES / RCS (``metrics``)."""
