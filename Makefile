@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.dynzoo-installed
 
-.PHONY: setup report test test-unit test-timm bench clean
+.PHONY: setup report test test-unit test-timm check-floor bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,21 @@ test-unit: setup
 
 test-timm: setup
 	$(BIN)/python scripts/run_timm_model_tests.py -n 2
+
+# the oldest timm that pyproject.toml allows, installed alone into its own prefix, ahead of the venv's timm on
+# PYTHONPATH: every model builds (on the meta device), and one model of each family passes the features /
+# forward_intermediates test and the reparameterization test (both modes, the inference_mode=True round trip)
+TIMM_FLOOR   := $(shell sed -n 's/^ *"timm>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+FLOOR_PREFIX := .cache/timm-$(TIMM_FLOOR)
+FLOOR_MODELS := fmdconv_mobilenetv2_050 a2d2c_resnet18 a2d2c_plus_mobilenetv2_050 odconv_mobilenetv2_050 \
+                dyconv_resnet18 condconv_resnet18 attnet_xxs dmf_xxs sgdm_cspdarknet_n
+FLOOR_K      := $(subst $(eval) , or ,$(strip $(FLOOR_MODELS)))
+check-floor: setup
+	test -n "$(TIMM_FLOOR)"
+	test -d $(FLOOR_PREFIX)/timm || $(BIN)/python -m pip install --quiet --no-deps --target $(FLOOR_PREFIX) timm==$(TIMM_FLOOR)
+	PYTHONPATH=$(FLOOR_PREFIX) $(BIN)/python -c "import timm; assert timm.__version__ == '$(TIMM_FLOOR)', timm.__file__"
+	PYTHONPATH=$(FLOOR_PREFIX) $(BIN)/python -m pytest tests/test_contract.py tests/test_reparam.py -n 2 --dist loadgroup \
+		-q -p no:cacheprovider -k "meta_device or ((forward_intermediates or reparameterize) and ($(FLOOR_K)))"
 
 bench: setup
 	$(BIN)/python scripts/benchmark.py

@@ -4,7 +4,7 @@
 """
 __version__ = '0.1.0'
 
-from dynzoo.layers.heads import set_temperature, get_temperatures, fmdconv_temperature, linear_temperature
+from dynzoo.layers.temperature import set_temperature, get_temperatures, fmdconv_temperature, linear_temperature
 from dynzoo.models._hub import CheckpointError, PretrainedUnavailableError
 from dynzoo import models  # registers the models with timm
 from dynzoo.models import list_dynzoo_models

@@ -1,4 +1,7 @@
+import json
 import os
+from pathlib import Path
+from typing import Any, Dict, NamedTuple
 
 import pytest
 import torch
@@ -11,6 +14,37 @@ os.environ.setdefault('HF_HUB_DISABLE_TELEMETRY', '1')
 if os.environ.get('PYTEST_XDIST_WORKER'):
     # `make test` runs two xdist workers on the two cores: one thread each
     torch.set_num_threads(1)
+
+# The authors' parity fixtures: networks built with the authors' own public code, their state dicts in the authors'
+# key names, one input and the logits their code computed. CI lays them beside the checkout (the default) and fails
+# without them; anywhere else, point the variable at their folder, or the parity tests skip.
+OFFICIAL_FIXTURES_ENV = 'DYNZOO_OFFICIAL_FIXTURES'
+OFFICIAL_FIXTURES = Path(os.environ.get(OFFICIAL_FIXTURES_ENV)
+                         or Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'official')
+
+
+class OfficialFixture(NamedTuple):
+    state_dict: Dict[str, torch.Tensor]  # the authors' state dict, their key names
+    input: torch.Tensor  # (2, 3, 224, 224)
+    logits: torch.Tensor  # their network's eval-mode fp32 logits of ``input``
+    meta: Dict[str, Any]  # source repository and commit, checkpoint container, parameter count
+
+
+def official_fixture(name: str) -> OfficialFixture:
+    """The parity fixture of dynzoo model ``name`` (``<name>.official.safetensors`` + ``.json``), or a skip of the
+    calling test when the folder ``$DYNZOO_OFFICIAL_FIXTURES`` (default: where CI lays it, beside the checkout)
+    does not hold it. A float tensor is stored as int8 ``q.<key>`` times a power-of-two ``scale.<key>`` (exact in
+    fp32), an integer buffer as ``raw.<key>``."""
+    from safetensors.torch import load_file
+    tensors = OFFICIAL_FIXTURES / f'{name}.official.safetensors'
+    if not tensors.is_file():
+        pytest.skip(f'authors\' parity fixture {tensors} not found: set ${OFFICIAL_FIXTURES_ENV} to the folder '
+                    f'that holds {name}.official.safetensors')
+    data = load_file(str(tensors))
+    state_dict = {k[2:]: v.float() * data['scale.' + k[2:]] for k, v in data.items() if k.startswith('q.')}
+    state_dict.update({k[4:]: v for k, v in data.items() if k.startswith('raw.')})
+    meta = json.loads(tensors.with_suffix('.json').read_text())
+    return OfficialFixture(state_dict, data['input'], data['logits'], meta)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,5 @@
 """A2D2C / A2D2C+: the layer's math (both modes against an explicit reference), sampling semantics, gradients,
-mixed precision, temperature, BN folding, the registered networks and their parameter counts (spec §4.2)."""
+mixed precision, temperature, BN folding, the registered networks and their parameter counts (Tables 3-6, 10, 11)."""
 import pytest
 import torch
 import torch.nn as nn
@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import timm
 import dynzoo
-from dynzoo.layers.a2d2c import A2D2CConv2d, a2d2c_temperature
+from dynzoo.layers.a2d2c import A2D2CConv2d
+from dynzoo.layers.temperature import linear_temperature
 from dynzoo.layers.dynamic import STRATEGIES
 
 torch.set_num_threads(1)
@@ -228,12 +229,13 @@ def test_temperature_helpers_reach_every_layer():
 
 
 def test_temperature_schedule():
-    assert a2d2c_temperature(0, 100) == 30.0
-    assert a2d2c_temperature(500, 100) == pytest.approx(15.5)
-    assert a2d2c_temperature(1000, 100) == 1.0
-    assert a2d2c_temperature(5000, 100) == 1.0
+    """§4.3: 30 -> 1 linearly over the first 10 epochs, per (0-based) step."""
+    assert linear_temperature(0, 100) == 30.0
+    assert linear_temperature(500, 100) == pytest.approx(15.5)
+    assert linear_temperature(1000, 100) == 1.0
+    assert linear_temperature(5000, 100) == 1.0
     with pytest.raises(ValueError):
-        a2d2c_temperature(0, 0)
+        linear_temperature(0, 0)
 
 
 @pytest.mark.parametrize('mode', ['fused', 'sum'])
@@ -292,7 +294,9 @@ def test_bad_inputs_and_config():
     with pytest.raises(ValueError, match='placement'):
         timm.create_model('a2d2c_resnet18', placement='everywhere')
     with pytest.raises(ValueError, match='placement'):
-        timm.create_model('a2d2c_mobilenetv2_050', placement='initial')
+        timm.create_model('a2d2c_resnet18', placement='depthwise')  # MobileNetV2-only name
+    with pytest.raises(ValueError, match='placement'):
+        timm.create_model('a2d2c_mobilenetv2_050', placement='first3x3_s234')  # ResNet-only name
     with pytest.raises(TypeError):
         timm.create_model('a2d2c_resnet18', not_an_argument=1)
 
@@ -303,7 +307,8 @@ def test_pretrained_unavailable():
 
 
 def test_weights_interchangeable_between_modes():
-    """A2D2C and A2D2C+ share keys and shapes; eval outputs agree (spec §2.8)."""
+    """A2D2C and A2D2C+ share keys and shapes; eval outputs agree (Eq. 8: the sum of the K responses is the
+    response of the summed kernel)."""
     torch.manual_seed(10)
     fused = timm.create_model('a2d2c_resnet18', num_classes=10).eval()
     plus = timm.create_model('a2d2c_plus_resnet18', num_classes=10).eval()
@@ -319,12 +324,12 @@ def _count(name, **kwargs):
     return sum(p.numel() for p in model.parameters()), model
 
 
-# spec §4.2 COMPUTED counts (K=4, M=100, 1000 classes) and the paper's printed counts with their tolerance
+# computed counts (K=4, M=100, 1000 classes) and the paper's printed counts with their tolerance
 EXPECTED = {
     'resnet18': (44_649_784, 44.9e6, 0.01),
     'resnet50': (87_609_560, 89.70e6, 0.025),
     'mobilenetv2_050': (3_984_099, 4.05e6, 0.15e6),
-    'mobilenetv2_075': (6_634_179, None, None),   # paper 5.08 M fits no placement (spec A2): not asserted
+    'mobilenetv2_075': (6_634_179, None, None),   # paper 5.08 M (Table 3) fits no placement: not asserted
     'mobilenetv2_100': (10_088_635, 10.21e6, 0.15e6),
 }
 
@@ -344,12 +349,13 @@ def test_param_counts(arch):
 
 
 def test_param_counts_ablations():
-    assert _count('a2d2c_resnet18', placement='initial', num_kernels=8)[0] == 44_721_584   # Table 10: 44.78 M
-    assert _count('a2d2c_resnet50', placement='initial', num_kernels=8)[0] == 55_867_128   # Table 10: 55.95 M
-    assert _count('a2d2c_resnet18', placement='paper_text')[0] == 25_625_902
-    assert _count('a2d2c_resnet50', placement='paper_text')[0] == 59_180_597
+    assert _count('a2d2c_resnet18', placement='first_conv', num_kernels=8)[0] == 44_721_584   # Table 10: 44.78 M
+    assert _count('a2d2c_resnet50', placement='first_conv', num_kernels=8)[0] == 55_867_128   # Table 10: 55.95 M
+    # the Sec. 3.3 text reading: first 3x3 of each block in stages 2-4 / the depthwise 3x3 only
+    assert _count('a2d2c_resnet18', placement='first3x3_s234')[0] == 25_625_902
+    assert _count('a2d2c_resnet50', placement='first3x3_s234')[0] == 59_180_597
     for arch, expected in (('050', 2_069_945), ('075', 2_788_985), ('100', 3_704_697)):
-        assert _count(f'a2d2c_mobilenetv2_{arch}', placement='paper_text')[0] == expected
+        assert _count(f'a2d2c_mobilenetv2_{arch}', placement='depthwise')[0] == expected
     # Table 11: every extra kernel adds the ResNet-18 block 3x3 weights (10,985,472); paper slope 10.985 M
     k4, k8 = _count('a2d2c_resnet18')[0], _count('a2d2c_resnet18', num_kernels=8)[0]
     assert k8 - k4 == 4 * 10_985_472

@@ -15,25 +15,24 @@ import timm
 import dynzoo
 from dynzoo.models import _hub as hub
 from dynzoo.layers.atconv import ATConv2d, atconv_num_params
-from dynzoo.layers.dynamic import DEPTHWISE_STRATEGIES, per_sample_depthwise_conv2d
-from dynzoo.models._reparam import reparameterize
+from dynzoo.layers.per_sample import DEPTHWISE_STRATEGIES, per_sample_depthwise_conv2d
 from dynzoo.models.attnet import ATTNET_CONFIGS, AUTHORS_DROP_PATH, AttNet, checkpoint_filter_fn
+from conftest import official_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT.parent / 'shared' / 'fixtures' / 'official' / 'attnet_t1.official.safetensors'
 VARIANTS = ('attnet_xxs', 'attnet_xs', 'attnet_s', 'attnet_t1', 'attnet_t2', 'attnet_t3', 'attnet_t4')
 
-# spec §3.1/§3.2 (authors' code, VERIFIED there): exact parameter counts
+# exact parameter counts of the authors' models/AttNet.py (T1-T4: paper Tab. III to 0.1M)
 EXPECTED_PARAMS = {
     'attnet_xxs': 2_853_556, 'attnet_xs': 5_554_902, 'attnet_s': 7_681_316,
     'attnet_t1': 13_714_900, 'attnet_t2': 27_010_782, 'attnet_t3': 49_175_682, 'attnet_t4': 87_320_214,
 }
-# spec §3.3: fvcore FlopCountAnalysis at 224, model in train mode (the official script's call), in G
-SPEC_FVCORE_GFLOPS = {
+# fvcore FlopCountAnalysis of the authors' code at 224, model in train mode (the official script's call), in G
+FVCORE_GFLOPS = {
     'attnet_xxs': 0.5369, 'attnet_xs': 1.0131, 'attnet_s': 1.3378,
     'attnet_t1': 2.4355, 'attnet_t2': 5.1122, 'attnet_t3': 9.4176, 'attnet_t4': 16.7768,
 }
-# paper Tab. III (one decimal, truncated: spec §6.11)
+# paper Tab. III (one decimal, truncated)
 PAPER_GFLOPS = {'attnet_t1': 2.4, 'attnet_t2': 5.1, 'attnet_t3': 9.4, 'attnet_t4': 16.7}
 PAPER_MPARAMS = {'attnet_t1': 13.7, 'attnet_t2': 27.0, 'attnet_t3': 49.1, 'attnet_t4': 87.3}
 
@@ -70,15 +69,6 @@ def _randomize(module: nn.Module, seed: int = 0) -> None:
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
             else:
                 t.add_(0.2 * torch.randn(t.shape, generator=g))
-
-
-def _official_state_dict():
-    """The authors' AttNet_T1 state dict of the parity fixture (README: q * scale, raw as is) and its I/O."""
-    from safetensors.torch import load_file
-    t = load_file(str(FIXTURE))
-    sd = {k[2:]: v.float() * t['scale.' + k[2:]] for k, v in t.items() if k.startswith('q.')}
-    sd.update({k[4:]: v for k, v in t.items() if k.startswith('raw.')})
-    return sd, t['input'], t['logits']
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -157,7 +147,7 @@ def test_atconv_dkm_lateral_inhibition():
     torch.testing.assert_close(m.forward_kernel(x).mean((2, 3)), (1 - lam) * raw.mean(2))
 
 
-@pytest.mark.parametrize('strategy', ['grouped', 'shift', 'unfold', 'loop'])
+@pytest.mark.parametrize('strategy', ['grouped', 'shift', 'gemm', 'loop'])
 def test_per_sample_depthwise_strategies_gradcheck(strategy):
     x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -166,12 +156,13 @@ def test_per_sample_depthwise_strategies_gradcheck(strategy):
     torch.testing.assert_close(per_sample_depthwise_conv2d(x, w, (1, 1), strategy), ref, rtol=0, atol=1e-12)
 
 
-def test_atconv_context_first_is_exact_and_scriptable():
+def test_atconv_pool_first_form_is_exact_and_scriptable():
     m = ATConv2d(8).double()
     _randomize(m)
     x = torch.randn(2, 8, 10, 13, dtype=torch.float64)
     ref = m(x)
     m.reparameterize()
+    assert m.kernel_proj is None and isinstance(m.context_proj, torch.nn.Conv1d)
     torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(torch.jit.script(m)(x), ref, rtol=0, atol=1e-10)
 
@@ -201,9 +192,9 @@ def test_params_and_flops(name):
     assert n_params == EXPECTED_PARAMS[name]
     assert dynzoo.models.MODEL_INFO[name]['paper_params'] == EXPECTED_PARAMS[name]
     gflops = fvcore_style_gflops(model)
-    assert abs(gflops - SPEC_FVCORE_GFLOPS[name]) < 1e-4  # the spec's fvcore run of the authors' code
+    assert abs(gflops - FVCORE_GFLOPS[name]) < 1e-4  # fvcore run of the authors' code
     if name in PAPER_GFLOPS:
-        # the paper's one-decimal figures are truncations (spec §6.11): 16.78 -> 16.7, 49.18 M -> 49.1 M
+        # the paper's one-decimal figures are truncations: 16.78 -> 16.7, 49.18 M -> 49.1 M
         assert math.floor(gflops * 10) / 10 == pytest.approx(PAPER_GFLOPS[name])
         assert math.floor(n_params / 1e5) / 10 == pytest.approx(PAPER_MPARAMS[name])
         assert abs(gflops - PAPER_GFLOPS[name]) <= 0.1 and abs(n_params / 1e6 - PAPER_MPARAMS[name]) <= 0.1
@@ -211,7 +202,7 @@ def test_params_and_flops(name):
 
 def test_official_fixture_parity(tmp_path):
     """The authors' AttNet_T1 checkpoint container loads through the user path and reproduces their logits."""
-    sd, x, logits = _official_state_dict()
+    sd, x, logits, _ = official_fixture('attnet_t1')
     path = tmp_path / 'attnet_t1_official.pth'
     torch.save({'model': sd}, path)
     model = timm.create_model('attnet_t1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
@@ -260,34 +251,27 @@ def test_features_only_and_intermediates():
     assert model(x).shape == (2, 1000)
 
 
-@pytest.mark.parametrize('name', ['attnet_xxs', 'attnet_t1'])
+@pytest.mark.parametrize('name', ['attnet_xs', 'attnet_t1'])
 def test_reparameterize_is_exact(name):
+    """timm's walker, from training or eval mode alike: stem / downsampling BNs folded, ATConv pool-first, the
+    LayerScales kept; idempotent; ``inference_mode=True`` builds the same structure (strict load, same outputs)."""
     model = timm.create_model(name)
-    with pytest.raises(RuntimeError, match='eval'):
-        model.reparameterize()
-    model.eval()
     _randomize(model)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        ref = model(x)
-        model.reparameterize()
-        out = model(x)
-    assert not any(isinstance(m, (nn.BatchNorm2d, timm.layers.LayerScale2d)) for m in model.modules())
-    assert all(m.context_first for m in model.modules() if isinstance(m, ATConv2d))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    with torch.no_grad():
-        torch.testing.assert_close(reparameterize(model, inplace=True)(x), out)  # idempotent via the walker
-
-
-def test_dynzoo_reparameterize_walker():
-    model = timm.create_model('attnet_xs').eval()
-    _randomize(model)
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        ref = model(x)
-        fused = reparameterize(model)
-        torch.testing.assert_close(fused(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+        ref = model.eval()(x)
+        for mode in (True, False):
+            fused = dynzoo.reparameterize(model.train(mode))
+            assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+            assert all(m.kernel_proj is None for m in fused.modules() if isinstance(m, ATConv2d))
+            num_ls = sum(isinstance(m, timm.layers.LayerScale2d) for m in fused.modules())
+            assert num_ls == 2 * sum(ATTNET_CONFIGS[name]['depths'])
+            out = fused.eval()(x)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        torch.testing.assert_close(dynzoo.reparameterize(fused)(x), out, rtol=0, atol=0)  # idempotent
+        direct = timm.create_model(name, inference_mode=True).eval()
+        direct.load_state_dict(fused.state_dict(), strict=True)
+        torch.testing.assert_close(direct(x), out, rtol=0, atol=0)
 
 
 def test_no_weight_decay_covers_authors_exclusions():
@@ -301,7 +285,7 @@ def test_no_weight_decay_covers_authors_exclusions():
 
 
 def test_drop_path_and_recipes():
-    """Recipes carry the authors' per-variant drop-path (T1 0.1, T2 0.2, T3 0.4, T4 0.5) and the spec §4 recipe."""
+    """Recipes carry the authors' per-variant drop-path (T1 0.1, T2 0.2, T3 0.4, T4 0.5) and their train.py recipe."""
     assert {k: AUTHORS_DROP_PATH[k] for k in ('attnet_t1', 'attnet_t2', 'attnet_t3', 'attnet_t4')} == \
         {'attnet_t1': 0.1, 'attnet_t2': 0.2, 'attnet_t3': 0.4, 'attnet_t4': 0.5}
     for name in VARIANTS:
@@ -354,15 +338,15 @@ def test_weights_index_lists_authors_release():
         with pytest.raises(hub.PretrainedUnavailableError, match='Attentive-Convolution'):
             timm.create_model(name, pretrained=True)
     assert hub.find_entry('attnet_xxs', 'in1k') is None  # code-only: nothing released
-    cfg = timm.models.get_pretrained_cfg('attnet_xs.in1k')
+    cfg = timm.models.get_pretrained_cfg('attnet_xs.untrained')
     assert 'code-only' in ' '.join(cfg.notes)
 
 
 @pytest.mark.parametrize('length,bins', [(3136, 9), (784, 9), (49, 9), (5, 9), (14, 3), (7, 3), (2, 3)])
 def test_onnx_pool_matrix_equals_adaptive_pooling(length, bins):
-    from dynzoo.layers.atconv import _adaptive_pool_matrix
+    from dynzoo.layers.atconv import adaptive_pool_matrix
     x = torch.randn(2, 3, length, dtype=torch.float64)
-    torch.testing.assert_close(x @ _adaptive_pool_matrix(length, bins, x), F.adaptive_avg_pool1d(x, bins))
+    torch.testing.assert_close(x @ adaptive_pool_matrix(length, bins, x), F.adaptive_avg_pool1d(x, bins))
 
 
 @pytest.mark.parametrize('what', ['attnet_xxs', 'atconv_2d'])

@@ -1,21 +1,33 @@
 """Bad input ends in an error that names the problem, and nothing is half-loaded.
 
 Checkpoints: truncated / corrupted safetensors, a sha256 mismatch on the hub path, another architecture's weights,
-missing / unexpected keys, a ``.pth`` holding a pickled object. Names: unknown model, unknown tag. Tensors: wrong
-rank or channel count on the FMDConv layer and on the models. Configuration: invalid layer arguments.
+missing / unexpected keys, a ``.pth`` holding a pickled object. Paths: a directory, a device, a FIFO, a missing file
+or a dangling symlink, each named as what it is; the format is read from the bytes, not the suffix. Names: unknown
+model, unknown tag. Tensors: wrong rank or channel count on the FMDConv layer and on the models. Configuration:
+invalid layer arguments.
+
+The hostile-checkpoint battery runs over one small model of every family (:data:`FAMILY_MODELS`): NaN / Inf
+tensors, integer or bool tensors where the model holds a float, temperatures that are 0, negative or non-finite,
+wrong-shaped classifier and stem tensors -- each refused with the key, the expected and the found named -- and
+timm's legitimate adaptations (another ``num_classes``, ``in_chans=1``, a float16 / float64 checkpoint), which
+load and say so in the log.
 
 "Nothing half-loaded": a failed ``pretrained=True`` load raises before ``load_state_dict`` runs (a spy counts the
 calls), so no model with part of a checkpoint in it ever exists.
 """
+import logging
+import os
 import re
 
 import pytest
 import torch
 import timm
 from safetensors.torch import save, save_file
+from timm.models import adapt_input_conv
 
 import dynzoo
 from dynzoo.models import _hub as hub
+from dynzoo.models._builder import known_tags
 from dynzoo.layers import FMDConv2d
 
 from _hub_server import (
@@ -25,6 +37,14 @@ from _hub_server import (
 torch.set_num_threads(1)
 
 SMALL = 'fmdconv_mobilenetv2_050'
+# models with an authors' release keep their ImageNet tag: the hub path is tested on them
+HUB_MODEL, HUB_MODEL2 = 'odconv_mobilenetv2_050_1x', 'odconv_mobilenetv2_075_1x'
+# the smallest model of every family
+FAMILY_MODELS = {
+    'fmdconv': 'fmdconv_mobilenetv2_050', 'a2d2c': 'a2d2c_mobilenetv2_050',
+    'a2d2c_plus': 'a2d2c_plus_mobilenetv2_050', 'odconv': 'odconv_mobilenetv2_050_1x', 'dyconv': 'dyconv_resnet18',
+    'condconv': 'condconv_resnet18', 'attnet': 'attnet_xxs', 'dmf': 'dmf_xxs', 'sgdm': 'sgdm_cspdarknet_n',
+}
 
 
 @pytest.fixture(scope='module')
@@ -70,14 +90,74 @@ def test_damaged_safetensors(tmp_path, small_sd, load_spy, damage):
         path.write_bytes(data[:8] + b'\xff' * 16 + data[24:])  # the JSON header is no longer JSON
     else:
         path.write_bytes(b'')
-    msg = _refused(path, 'not a readable safetensors file', spy=load_spy)
+    msg = _refused(path, r'is empty \(0 bytes\)' if damage == 'empty' else 'not a readable safetensors file',
+                   spy=load_spy)
     assert str(path) in msg and 'truncated or corrupted' in msg
 
 
-def test_missing_file(tmp_path, load_spy):
-    path = tmp_path / 'nope.safetensors'
-    msg = _refused(path, 'does not exist', spy=load_spy)
-    assert str(path) in msg
+# --- paths that are not a readable file: said what they are, never opened (a FIFO would block, /dev/zero never
+# ends) -----------------------------------------------------------------------------------------------------------
+
+def _directory(tmp_path):
+    (tmp_path / 'weights').mkdir()
+    (tmp_path / 'weights' / 'model.safetensors').write_bytes(b'')
+    return tmp_path / 'weights'
+
+
+def _dev_zero_link(tmp_path):
+    (tmp_path / 'zero.safetensors').symlink_to('/dev/zero')
+    return tmp_path / 'zero.safetensors'
+
+
+def _fifo(tmp_path):
+    os.mkfifo(tmp_path / 'pipe.pth')
+    return tmp_path / 'pipe.pth'
+
+
+def _dangling_link(tmp_path):
+    (tmp_path / 'gone.pth').symlink_to(tmp_path / 'deleted.pth')
+    return tmp_path / 'gone.pth'
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize('make, match', [
+    (lambda tmp: tmp / 'nope.safetensors', 'does not exist$'),
+    (_dangling_link, r"is a symlink to '.*deleted\.pth', which does not exist"),
+    (_directory, r"is a directory, not a checkpoint file: give the path of the weights file inside it; it holds "
+                 r"\['model\.safetensors'\]"),
+    (_dev_zero_link, r"is a character device \(a symlink to '/dev/zero'\), not a regular file"),
+    (_fifo, r'is a named pipe \(FIFO\), not a regular file'),
+], ids=['missing', 'dangling_symlink', 'directory', 'dev_zero', 'fifo'])
+def test_path_is_not_a_file(tmp_path, load_spy, make, match):
+    path = make(tmp_path)
+    msg = _refused(path, match, spy=load_spy)
+    assert f'checkpoint file {str(path)!r}' in msg
+
+
+def test_format_is_read_from_the_bytes(tmp_path, small_sd):
+    """A suffix says nothing: safetensors bytes load as ``.pth``, torch.save's zip and legacy pickle formats as
+    ``.safetensors`` / ``.bin`` (upper-case ``.SAFETENSORS``: the battery below)."""
+    for path, fmt, write in (
+            (tmp_path / 'w.pth', 'safetensors', lambda p: save_file(small_sd, str(p))),
+            (tmp_path / 'w.safetensors', 'torch', lambda p: torch.save(small_sd, str(p))),
+            (tmp_path / 'w.bin', 'torch', lambda p: torch.save(small_sd, str(p), _use_new_zipfile_serialization=False)),
+    ):
+        write(path)
+        assert hub.checkpoint_format(path) == fmt
+        sd = hub.load_checkpoint_file(path)
+        assert set(sd) == set(small_sd) and all(torch.equal(sd[k], v) for k, v in small_sd.items()), path
+
+
+@pytest.mark.parametrize('content, match', [
+    (b'version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 12\n', 'a Git LFS pointer'),
+    (b'<!DOCTYPE html><html>Not Found</html>', 'an HTML/XML page'),
+    (b'{"state_dict": {}}', 'a JSON text'),
+], ids=['lfs_pointer', 'html', 'json'])
+def test_other_format_is_named(tmp_path, load_spy, content, match):
+    path = tmp_path / 'w.safetensors'
+    path.write_bytes(content)
+    msg = _refused(path, match, spy=load_spy)
+    assert 'could not be read as a checkpoint' in msg and 'neither safetensors nor' in msg
 
 
 class _Payload:
@@ -132,7 +212,7 @@ def test_other_configuration_shape_mismatch(tmp_path, load_spy):
     path = tmp_path / 'k2.safetensors'
     save_file(perturbed_state_dict(SMALL, seed=4, num_kernels=2), str(path))
     msg = _refused(path, 'shapes do not match', spy=load_spy)
-    assert re.search(r'conv_\w+\.weight: checkpoint \(2, .*\) vs model \(4, ', msg), msg
+    assert re.search(r'conv_\w+\.weight: expected \(4, .*\), found \(2, ', msg), msg
     assert 'another architecture or configuration' in msg
 
 
@@ -159,23 +239,24 @@ def test_resnet_weights_into_mobilenet(tmp_path, load_spy):
     assert f'{n_unexpected} unexpected key(s)' in msg and "'fc.weight'" in msg
 
 
-def test_sha256_mismatch_on_hub_path(tmp_path, small_sd):
+def test_sha256_mismatch_on_hub_path(tmp_path):
     """The index's sha256 guards the hub path: a wrong digest, or a cached file whose bytes were corrupted in
     the tensor data (which safetensors itself cannot notice), is refused with both digests named."""
-    data = save(small_sd)
-    data_k2 = save(perturbed_state_dict(SMALL, seed=6, num_kernels=2))  # any other valid file
+    data = save(perturbed_state_dict(HUB_MODEL, seed=3))
+    data2 = save(perturbed_state_dict(HUB_MODEL2, seed=6))
     corrupted = bytearray(data)
     corrupted[len(corrupted) // 2] ^= 0xFF
     corrupted = bytes(corrupted)
-    good = published_entry(SMALL, 'in1k', data)
+    tag, tag2 = known_tags(HUB_MODEL)[0], known_tags(HUB_MODEL2)[0]
+    good = published_entry(HUB_MODEL, tag, data)
     index = write_index(tmp_path / 'index.json', [
         good,
-        dict(published_entry('fmdconv_mobilenetv2_075', 'in1k', data_k2), sha256='0' * 64),
+        dict(published_entry(HUB_MODEL2, tag2, data2), sha256='0' * 64),
     ])
     hub_cache = tmp_path / 'hf_home' / 'hub'
-    write_hf_cache(hub_cache, f'dynzoo/{SMALL}.in1k', 'model.safetensors', corrupted)
-    write_hf_cache(hub_cache, 'dynzoo/fmdconv_mobilenetv2_075.in1k', 'model.safetensors', data_k2)
-    res = run_user_loads([('corrupted', SMALL, {}, None), ('wrong_digest', 'fmdconv_mobilenetv2_075', {}, None)],
+    write_hf_cache(hub_cache, f'dynzoo/{HUB_MODEL}.{tag}', 'model.safetensors', corrupted)
+    write_hf_cache(hub_cache, f'dynzoo/{HUB_MODEL2}.{tag2}', 'model.safetensors', data2)
+    res = run_user_loads([('corrupted', HUB_MODEL, {}, None), ('wrong_digest', HUB_MODEL2, {}, None)],
                          hub_env(tmp_path, index, offline=True))
     for label, expected in (('corrupted', good['sha256']), ('wrong_digest', '0' * 64)):
         r = res[label]
@@ -205,11 +286,12 @@ def test_unknown_model_name():
 
 @pytest.mark.parametrize('pretrained', [False, True])
 def test_unknown_tag(pretrained):
-    with pytest.raises(ValueError, match=r'Unknown pretrained tag fmdconv_mobilenetv2_050\.in22k; known tags: '
-                                         r'fmdconv_mobilenetv2_050\.in1k$'):
-        timm.create_model(f'{SMALL}.in22k', pretrained=pretrained)
-    # the known tag is accepted (no weights published: only pretrained=True refuses, and says why)
-    assert timm.create_model(f'{SMALL}.in1k').pretrained_cfg['tag'] == 'in1k'
+    tags = known_tags(SMALL)
+    with pytest.raises(ValueError, match=re.escape(f'Unknown pretrained tag {SMALL}.in22k; known tags: ') +
+                       re.escape(', '.join(f'{SMALL}.{t}' for t in tags)) + '$'):
+        timm.create_model(f'{SMALL}.in22k', device='meta', pretrained=pretrained)
+    # a known tag is accepted (no weights published: only pretrained=True refuses, and says why)
+    assert timm.create_model(f'{SMALL}.{tags[0]}', device='meta').pretrained_cfg['tag'] == tags[0]
 
 
 def test_unknown_kwarg():
@@ -261,3 +343,121 @@ def test_set_temperature_bad_values():
         dynzoo.set_temperature(model, 0.0)
     with pytest.raises(ValueError, match='has no attention head with a kernel temperature'):
         dynzoo.set_temperature(torch.nn.Conv2d(3, 3, 1), 2.0)
+
+
+# --- the hostile-checkpoint battery: one small model of every family ------------------------------------------------
+
+@pytest.fixture(scope='module', params=list(FAMILY_MODELS.values()), ids=list(FAMILY_MODELS))
+def family(request):
+    """``(model name, a perturbed state dict of it)``: one family at a time (module scope, grouped by pytest)."""
+    return request.param, perturbed_state_dict(request.param, seed=7)
+
+
+def _float_keys(sd):
+    return [k for k, v in sd.items() if v.is_floating_point() and v.numel() > 1 and not k.endswith('temperature')]
+
+
+def _refused_sd(name, sd, match, spy, **kwargs):
+    """Load ``sd`` into ``name`` (a meta model: a refused checkpoint never needs real memory); expect a refusal."""
+    with pytest.raises(dynzoo.CheckpointError, match=match) as ei:
+        timm.create_model(name, pretrained=True, device='meta', pretrained_cfg_overlay=dict(state_dict=sd), **kwargs)
+    assert spy == [], f'load_state_dict ran before the checkpoint was refused: {spy}'
+    return str(ei.value)
+
+
+def _dynzoo_records(caplog, text):
+    return [r for r in caplog.records if r.name.startswith('dynzoo') and text in r.getMessage()]
+
+
+def test_non_finite_tensors_refused(family, load_spy):
+    name, sd = family
+    keys = _float_keys(sd)
+    nan_key, inf_key, overflow_key = keys[len(keys) // 2], keys[-3], keys[len(keys) // 3]
+    bad = dict(sd)
+    bad[nan_key] = sd[nan_key].clone().view(-1).index_fill_(0, torch.tensor([0, 1]), float('nan')).view_as(sd[nan_key])
+    bad[inf_key] = sd[inf_key].clone().view(-1).index_fill_(0, torch.tensor([0]), float('-inf')).view_as(sd[inf_key])
+    bad[overflow_key] = sd[overflow_key].double().view(-1).index_fill_(0, torch.tensor([0]), 1e300).view_as(
+        sd[overflow_key])  # finite as float64, +Inf once the model's float32
+    msg = _refused_sd(name, bad, r'holds non-finite values \(NaN/Inf\) in 3 tensor\(s\)', load_spy)
+    assert f'{nan_key} (2 NaN of {sd[nan_key].numel()} values)' in msg
+    assert f'{inf_key} (1 Inf of {sd[inf_key].numel()} values)' in msg
+    assert f'{overflow_key} (1 Inf of {sd[overflow_key].numel()} values once converted to torch.float32)' in msg
+
+
+def test_integer_and_bool_tensors_refused(family, load_spy):
+    name, sd = family
+    keys = _float_keys(sd)
+    int_key, bool_key = keys[1], keys[-1]
+    bad = dict(sd, **{int_key: sd[int_key].round().to(torch.int32), bool_key: sd[bool_key] > 0})
+    msg = _refused_sd(name, bad, r'dtypes do not match .* \(2 tensors\)', load_spy)
+    assert f'{int_key}: expected a floating-point tensor (torch.float32), found torch.int32' in msg
+    assert f'{bool_key}: expected a floating-point tensor (torch.float32), found torch.bool' in msg
+
+
+@pytest.mark.parametrize('value', [0.0, -1.0, float('nan'), float('inf')], ids=['zero', 'negative', 'nan', 'inf'])
+def test_bad_temperature_refused(family, load_spy, value):
+    name, sd = family
+    temperatures = [k for k in sd if k.endswith('temperature')]
+    if not temperatures:
+        pytest.skip(f'{name} has no temperature buffer')
+    key = temperatures[len(temperatures) // 2]
+    bad = dict(sd, **{key: torch.full_like(sd[key], value)})
+    msg = _refused_sd(name, bad, r'invalid temperatures \(1 buffers\)', load_spy)
+    assert f'{key}: found [{value}' in msg and 'a temperature must be finite and > 0' in msg
+
+
+def test_wrong_classifier_and_stem_refused(family, load_spy):
+    """A classifier or stem of another shape is no 'adaptation': refused with key, expected and found shape."""
+    name, sd = family
+    cfg = timm.get_pretrained_cfg(name)
+    head, stem = cfg.classifier + '.weight', cfg.first_conv + '.weight'
+    rows, width = sd[head].shape
+    wide = dict(sd, **{head: torch.zeros(rows, width + 1)})
+    msg = _refused_sd(name, wide, 'shapes do not match', load_spy)
+    assert f'{head}: expected {(rows, width)}, found {(rows, width + 1)}' in msg
+    # another class count is adaptable (the head is dropped), another width is not
+    msg = _refused_sd(name, wide, 'classifier does not fit', load_spy, num_classes=10)
+    assert f'{head}: expected (num_classes, {width}), found {(rows, width + 1)}' in msg
+    out_c, in_c, kh, kw = sd[stem].shape
+    for kwargs, model_in in (({}, in_c), (dict(in_chans=1), 1)):
+        bad = dict(sd, **{stem: torch.zeros(2 * out_c, in_c, kh, kw)})
+        msg = _refused_sd(name, bad, 'shapes do not match', load_spy, **kwargs)
+        assert f'{stem}: expected {(out_c, model_in, kh, kw)}, found {(2 * out_c, in_c, kh, kw)}' in msg
+
+
+def test_adaptations_load_and_are_said(family, caplog):
+    """timm's two adaptations stay, each said in the log: another num_classes drops the head, in_chans=1 sums
+    the stem over its input channels (timm's adapt_input_conv); everything else loads exactly."""
+    name, sd = family
+    cfg = timm.get_pretrained_cfg(name)
+    head, stem = cfg.classifier, cfg.first_conv + '.weight'
+    caplog.set_level(logging.INFO, logger='dynzoo')
+    model = timm.create_model(name, pretrained=True, num_classes=10, in_chans=1,
+                              pretrained_cfg_overlay=dict(state_dict=sd))
+    loaded = model.state_dict()
+    assert loaded[head + '.weight'].shape == (10, sd[head + '.weight'].shape[1])
+    assert torch.equal(loaded[stem], adapt_input_conv(1, sd[stem]))
+    for k, v in sd.items():
+        if k != stem and not k.startswith(head + '.'):
+            assert torch.equal(loaded[k], v), k
+    assert len(_dynzoo_records(caplog, f'classifier {head} has 1000 classes, the model 10: dropped')) == 1
+    assert len(_dynzoo_records(caplog, f'adapting the checkpoint\'s first conv {stem} from 3 to 1')) == 1
+
+
+def test_float_dtypes_convert_with_one_message(family, tmp_path, caplog):
+    """A float16 checkpoint with one float64 tensor, saved with an upper-case ``.SAFETENSORS`` suffix (the format
+    is read from the bytes), loads converted to float32, and one warning says so (float64 -> float32 rounds)."""
+    name, sd = family
+    wide_key = _float_keys(sd)[0]
+    mixed = {k: (v.double() if k == wide_key else v.half()) if v.is_floating_point() else v for k, v in sd.items()}
+    path = tmp_path / 'W.SAFETENSORS'
+    save_file(mixed, str(path))
+    caplog.set_level(logging.INFO, logger='dynzoo')
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v.to(loaded[k].dtype)) for k, v in mixed.items())
+    records = _dynzoo_records(caplog, 'converting')
+    assert len(records) == 1 and records[0].levelno == logging.WARNING, [r.getMessage() for r in records]
+    n_half = sum(1 for k, v in sd.items() if v.is_floating_point()) - 1
+    assert f'{n_half} tensor(s) from torch.float16 to torch.float32' in records[0].getMessage()
+    assert '1 tensor(s) from torch.float64 to torch.float32' in records[0].getMessage()

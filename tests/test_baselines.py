@@ -10,7 +10,7 @@ import timm
 import dynzoo
 from dynzoo.models import _hub as hub
 from dynzoo.layers.dynamic import STRATEGIES
-from dynzoo.layers.odconv import CondConv2d, DynamicConv2d, ODConv2d
+from dynzoo.layers.odconv import DynamicConv2d, ODConv2d, RoutedCondConv2d
 
 torch.set_num_threads(1)
 
@@ -25,7 +25,7 @@ LAYERS = {
     'odconv4': lambda *g: ODConv2d(*g, num_kernels=4),
     'odconv1': lambda *g: ODConv2d(*g, num_kernels=1),
     'dyconv': lambda *g: DynamicConv2d(*g, bias=True, num_kernels=4),
-    'condconv': lambda *g: CondConv2d(*g, bias=True, num_kernels=3),
+    'condconv': lambda *g: RoutedCondConv2d(*g, bias=True, num_kernels=3),
 }
 
 
@@ -193,8 +193,8 @@ def _count(name):
 
 # Exact counts of the authors' networks (ODConv) / the configuration matching the A2D2C paper's baseline rows
 # (DynamicConv, CondConv), beside the printed figure and the tolerance it is printed with.
-# Note: the FMDConv spec appendix quotes 44,901,208 for ODConv-4x ResNet-18; the authors' layer rules give
-# 44,901,640 (checked independently by _odconv_r18_count below); both print as the README's 44.90 M.
+# ODConv-4x ResNet-18: the authors' layer rules give 44,901,640 (checked independently by _odconv_r18_count below),
+# the README's 44.90 M.
 EXPECTED = {
     'odconv_resnet18': (44_901_640, 44.90e6, 0.005e6),
     'odconv_resnet18_1x': (11_943_944, 11.94e6, 0.005e6),
@@ -338,6 +338,17 @@ def test_bad_config():
     with pytest.raises(ValueError, match='num_kernels'):
         DynamicConv2d(8, 8, 3, num_kernels=0)
     with pytest.raises(ValueError, match='input channels'):
-        CondConv2d(8, 8, 3)(torch.randn(2, 4, 5, 5))
+        RoutedCondConv2d(8, 8, 3)(torch.randn(2, 4, 5, 5))
     with pytest.raises(TypeError):
         timm.create_model('odconv_resnet18', not_an_argument=1)
+    with pytest.raises(ValueError, match='placement'):
+        timm.create_model('dyconv_resnet18', placement='all')  # not a placement name of the hosts
+
+
+def test_tags():
+    """timm's convention: ``in1k`` where the authors released ImageNet weights, ``untrained`` where nothing exists."""
+    from dynzoo.models.odconv import ODCONV_RELEASES
+    hosted = ('odconv', 'dyconv', 'condconv', 'fmdconv', 'a2d2c')
+    for name in [n for n, info in dynzoo.models.MODEL_INFO.items() if info['family'] in hosted]:
+        tag = 'in1k' if name in ODCONV_RELEASES else 'untrained'
+        assert timm.models.get_pretrained_cfg(name).tag == tag, name

@@ -341,7 +341,7 @@ def test_tracing_never_tiles(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError('tiled strategy used while tracing')
 
-    monkeypatch.setattr(core, '_tiled_dynamic_conv2d', forbidden)
+    monkeypatch.setattr(core, 'tiled_dynamic_conv2d', forbidden)
     layer = FMDConv2d(8, 8, 3, padding=1).eval()
     x = torch.randn(2, 8, 9, 9)
     with pytest.raises(AssertionError, match='tiled'):
@@ -354,7 +354,19 @@ def test_tracing_never_tiles(monkeypatch):
         torch.testing.assert_close(traced(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('strategy', ['auto', 'tiled', 'bmm'])
+@pytest.mark.parametrize('strategy', ['auto', 'grouped', 'tiled', 'loop'])
+def test_traced_layer_runs_any_batch(strategy):
+    """While tracing, the per-sample forms run as 'gemm' (no batch-dependent conv groups): the graph traced at one
+    batch size computes the layer at another."""
+    torch.manual_seed(0)
+    layer = FMDConv2d(8, 8, 3, padding=1, groups=2, strategy=strategy).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, torch.randn(2, 8, 9, 9), check_trace=False)
+        x = torch.randn(5, 8, 9, 9)
+        torch.testing.assert_close(traced(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('strategy', ['auto', 'tiled', 'bmm', 'gemm'])
 def test_scripted_layer_matches_eager(strategy):
     torch.manual_seed(0)
     layer = FMDConv2d(8, 12, 1, strategy=strategy).eval()

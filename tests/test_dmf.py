@@ -2,7 +2,6 @@
 import copy
 import math
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,17 +9,17 @@ import torch.nn.functional as F
 import timm
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from timm.layers.grn import GlobalResponseNorm
+
 import dynzoo
 from dynzoo.layers.drconv import DynamicResidualConv2d, PooledBatchNorm2d
-from dynzoo.models.dmf import GlobalResponseNorm, checkpoint_filter_fn, dmf_temperature
+from dynzoo.models.dmf import CompatGlobalResponseNorm, checkpoint_filter_fn
 
-FIXTURE = Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'official' / 'dmf_xxs.official.safetensors'
-if not FIXTURE.is_file():
-    FIXTURE = Path('/work/shared/fixtures/official/dmf_xxs.official.safetensors')
+from conftest import official_fixture
 
-# spec §3 / §5: exact parameter counts (1000 classes) and fvcore FLOPs at 224 (one multiply-add = one FLOP)
-SPEC_PARAMS = {'dmf_xxs': 15_075_208, 'dmf_xs': 19_805_516, 'dmf_s': 25_145_252}
-SPEC_FVCORE_FLOPS = {'dmf_xxs': 198_559_176, 'dmf_xs': 284_793_912, 'dmf_s': 499_878_216}
+# exact parameter counts (1000 classes) and fvcore FLOPs at 224 of the authors' code (one multiply-add = one FLOP)
+EXACT_PARAMS = {'dmf_xxs': 15_075_208, 'dmf_xs': 19_805_516, 'dmf_s': 25_145_252}
+FVCORE_FLOPS = {'dmf_xxs': 198_559_176, 'dmf_xs': 284_793_912, 'dmf_s': 499_878_216}
 PAPER_FLOPS = {'dmf_xxs': 198e6, 'dmf_xs': 285e6, 'dmf_s': 499e6}
 FEATURE_CHANNELS = {'dmf_xxs': [12, 20, 36, 88, 120], 'dmf_xs': [18, 30, 54, 132, 180], 'dmf_s': [24, 40, 72, 176, 240]}
 
@@ -94,7 +93,7 @@ def test_drconv_matches_equation(form, strategy):
 
 
 def test_drconv_shapes_and_parameter_count():
-    # spec §1.1: DMF-S block 0 pw_conv1, P = (C_in + d) d + 2d + dK + (K + 1) C_out (C_in / g) k^2
+    # DMF-S block 0 pw_conv1 (Eq. 2, Fig. 3): P = (C_in + d) d + 2d + dK + (K + 1) C_out (C_in / g) k^2
     layer = DynamicResidualConv2d.pointwise(24, 144, groups=4)
     assert tuple(layer.static_weight.shape) == (144, 6, 1, 1)
     assert tuple(layer.weight.shape) == (8, 144, 6, 1, 1)
@@ -128,9 +127,9 @@ def test_drconv_reparameterize_with_bn_is_exact():
     x, z = torch.randn(2, 12, 6, 6, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64)
     with torch.no_grad():
         expected = bn(layer(x, z))
-        layer.reparameterize()
+        layer.kernel_attention.reparameterize()
         layer.fuse_bn(bn)
-        assert layer.expert_scale == 1.0 and isinstance(layer.kernel_attention.bn, torch.nn.Identity)
+        assert isinstance(layer.kernel_attention.bn, torch.nn.Identity)
         torch.testing.assert_close(layer(x, z), expected, rtol=1e-10, atol=1e-10)
 
 
@@ -150,27 +149,30 @@ def test_pooled_bn_single_sample_modes():
 
 
 def test_grn_compat_is_affine():
-    grn = GlobalResponseNorm(6)
+    """The authors' GRN averages the (H, W) norm over a size-1 dim: a per-channel affine map up to |gamma| * eps;
+    ConvNeXt-V2's (timm's) averages over channels and differs."""
+    grn = CompatGlobalResponseNorm(6)
     with torch.no_grad():
-        grn.gamma.normal_()
-        grn.beta.normal_()
+        grn.weight.normal_()
+        grn.bias.normal_()
     x = torch.randn(2, 6, 5, 5)
-    torch.testing.assert_close(grn(x), x * (1 + grn.gamma) + grn.beta, rtol=1e-5, atol=1e-5)
-    grn_v2 = GlobalResponseNorm(6, compat=False)
+    affine = x * (1 + grn.weight.view(1, -1, 1, 1)) + grn.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(grn(x), affine, rtol=1e-5, atol=1e-5)
+    grn_v2 = GlobalResponseNorm(6, channels_last=False)
     grn_v2.load_state_dict(grn.state_dict())
     assert not torch.allclose(grn_v2(x), grn(x), atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------------- models
 
-@pytest.mark.parametrize('name', sorted(SPEC_PARAMS))
+@pytest.mark.parametrize('name', sorted(EXACT_PARAMS))
 def test_param_counts_exact(name):
     model = timm.create_model(name, device='meta')
-    assert sum(p.numel() for p in model.parameters()) == SPEC_PARAMS[name]
+    assert sum(p.numel() for p in model.parameters()) == EXACT_PARAMS[name]
     num_dyr = sum(isinstance(m, DynamicResidualConv2d) for m in model.modules())
-    assert num_dyr == 34  # 33 in the blocks + the final DYR-1x1 (spec §3)
+    assert num_dyr == 34  # 33 in the blocks + the final DYR-1x1 (Table 1)
     info = dynzoo.models.MODEL_INFO[name]
-    assert round(SPEC_PARAMS[name] / 1e5) * 1e5 == info['paper_params']  # the paper's 0.1M rounding
+    assert round(EXACT_PARAMS[name] / 1e5) * 1e5 == info['paper_params']  # the paper's 0.1M rounding
 
 
 def test_no_dmf_t():
@@ -179,8 +181,9 @@ def test_no_dmf_t():
 
 
 class _FvcoreFlops(TorchDispatchMode):
-    """fvcore's convention (spec §4): conv / linear / (b)mm / attention matmuls count multiply-adds, BN 2x numel,
-    GroupNorm / LayerNorm 5x numel, average pooling 1x numel; activations, softmax, adds are free."""
+    """fvcore's convention (the paper's FLOPs, Table 2): conv / linear / (b)mm / attention matmuls count
+    multiply-adds, BN 2x numel, GroupNorm / LayerNorm 5x numel, average pooling 1x numel; activations, softmax,
+    adds are free. A mean that reduces nothing (the authors' GRN averages a size-1 dim) is no pooling: free."""
 
     def __init__(self):
         super().__init__()
@@ -206,36 +209,24 @@ class _FvcoreFlops(TorchDispatchMode):
             n = 2 * args[0].numel()
         elif op in (aten.native_group_norm, aten.native_layer_norm):
             n = 5 * args[0].numel()
-        elif op in (aten.mean, aten._adaptive_avg_pool2d):
+        elif op in (aten.mean, aten._adaptive_avg_pool2d) and out.numel() < args[0].numel():
             n = args[0].numel()
         self.by_op[str(op)] += n
         return out
 
 
-@pytest.mark.parametrize('name', sorted(SPEC_PARAMS))
+@pytest.mark.parametrize('name', sorted(EXACT_PARAMS))
 def test_flops_at_224(name):
     model = timm.create_model(name).eval()
     with torch.no_grad(), _FvcoreFlops() as counter:
         model(torch.randn(1, 3, 224, 224))
     total = sum(counter.by_op.values())
-    assert total == SPEC_FVCORE_FLOPS[name]
+    assert total == FVCORE_FLOPS[name]
     assert abs(total - PAPER_FLOPS[name]) / PAPER_FLOPS[name] < 0.005  # the paper truncates: 198 / 285 / 499 M
 
 
-def _official_state_dict():
-    from safetensors.torch import load_file
-    raw = load_file(str(FIXTURE))
-    sd = {}
-    for k, v in raw.items():
-        if k.startswith('q.'):
-            sd[k[2:]] = v.float() * raw['scale.' + k[2:]]
-        elif k.startswith('raw.'):
-            sd[k[4:]] = v
-    return sd, raw['input'], raw['logits']
-
-
 def test_parity_with_authors_checkpoint(tmp_path):
-    sd, x, ref = _official_state_dict()
+    sd, x, ref, _ = official_fixture('dmf_xxs')
     assert len(sd) == 877 and 'blocks.0.dynamic_mobile.pw_conv1.Kernel_Attention.net1.weight' in sd
     path = tmp_path / 'dmf_198_official.pth'
     torch.save({'model': sd, 'epoch': 466}, path)
@@ -267,6 +258,7 @@ def test_checkpoint_filter_variants():
         'blocks.0.dynamic_mobile.downsample.1.running_var': torch.zeros(1),
         'end_mobile2former.q.weight': torch.zeros(1), 'end_former.norm1.bias': torch.zeros(1),
         'channel_conv.static_weight': torch.zeros(1), 'bn.weight': torch.zeros(1),
+        'blocks.0.ffn.grn.gamma': torch.zeros(1, 60, 1, 1), 'blocks.0.ffn.grn.beta': torch.zeros(1, 60, 1, 1),
     }
     out = checkpoint_filter_fn({'model': {'module.' + k: v for k, v in authors.items()},
                                 'model_ema': authors, 'optimizer': {}}, model)
@@ -276,6 +268,7 @@ def test_checkpoint_filter_variants():
                 'final_block.conv.static_weight', 'final_block.bn.weight',
                 'final_block.conv.kernel_attention.temperature'):
         assert key in out, key
+    assert out['blocks.0.ffn.grn.weight'].shape == out['blocks.0.ffn.grn.bias'].shape == (60,)
     assert float(out['final_block.conv.kernel_attention.temperature']) == 1.0
 
 
@@ -285,24 +278,26 @@ def test_pretrained_without_weights_fails_clearly():
 
 
 def test_reparameterize_eval_equal():
-    from timm.utils import reparameterize_model
+    """timm's walker, from training or eval mode: every BN (attention ones included), every authors' GRN and the
+    IRFFN shortcut folded, exact but for the GRN (|gamma| * 1e-6); idempotent; ``inference_mode=True`` builds the
+    same structure (strict load, same outputs)."""
     torch.manual_seed(3)
-    model = timm.create_model('dmf_xxs').eval().double()
+    model = timm.create_model('dmf_xxs').double()
     _perturb(model)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
-        expected = model(x)
-        fused = reparameterize_model(model)
-        out = fused(x)
-    # exact folds; the compat-GRN fold is exact up to |gamma| * 1e-6 per channel (spec §2)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
-    # every BatchNorm (attention ones included) and every compat GRN is folded away; the experts carry the 0.1
-    assert not [n for n, m in fused.named_modules() if isinstance(m, (torch.nn.BatchNorm2d, GlobalResponseNorm))]
-    assert all(m.expert_scale == 1.0 and m.post_bias is not None
-               for m in fused.modules() if isinstance(m, DynamicResidualConv2d))
-    fused_again = reparameterize_model(fused)  # idempotent
-    with torch.no_grad():
-        torch.testing.assert_close(fused_again(x), out, rtol=0, atol=0)
+        expected = model.eval()(x)
+        for mode in (True, False):
+            fused = dynzoo.reparameterize(model.train(mode))
+            assert not [n for n, m in fused.named_modules()
+                        if isinstance(m, (torch.nn.BatchNorm2d, CompatGlobalResponseNorm))]
+            assert all(m.post_bias is not None for m in fused.modules() if isinstance(m, DynamicResidualConv2d))
+            out = fused.eval()(x)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        torch.testing.assert_close(dynzoo.reparameterize(fused)(x), out, rtol=0, atol=0)  # idempotent
+        direct = timm.create_model('dmf_xxs', inference_mode=True).double().eval()
+        direct.load_state_dict(fused.state_dict(), strict=True)
+        torch.testing.assert_close(direct(x), out, rtol=0, atol=0)
 
 
 def test_train_at_batch_size_one():
@@ -320,9 +315,10 @@ def test_train_at_batch_size_one():
 
 
 def test_temperature_schedule_and_helpers():
+    """The authors' anneal 30 -> 1 over 10 epochs counts iterations from 1: ``linear_temperature(step + 1, ...)``."""
     n = 1000
-    assert dmf_temperature(1, n // 10) == pytest.approx(30 * (1 - 1 / n) + 1 / n)
-    assert dmf_temperature(n, n // 10) == 1.0 and dmf_temperature(5 * n, n // 10) == 1.0
+    assert dynzoo.linear_temperature(0 + 1, n // 10) == pytest.approx(30 * (1 - 1 / n) + 1 / n)
+    assert dynzoo.linear_temperature(n - 1 + 1, n // 10) == 1.0 and dynzoo.linear_temperature(5 * n, n // 10) == 1.0
     model = timm.create_model('dmf_xxs').eval()
     x = torch.randn(1, 3, 64, 64)
     _perturb(model)
@@ -372,7 +368,7 @@ def test_features_only_levels(name):
 
 def test_detection_backbone_and_frozen_blocks():
     model = timm.create_model('dmf_xxs', features_only=True, out_indices=(1, 2, 3, 4), frozen_blocks=4)
-    # spec §5: full detection backbone 10,186,528 params, blocks 0-3 1,982,136 (frozen by the authors' mmdet setup)
+    # full detection backbone 10,186,528 params, blocks 0-3 1,982,136 (frozen by the authors' mmdet setup)
     assert sum(p.numel() for p in model.parameters()) == 10_186_528
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 10_186_528 - 1_982_136
     model.train()
@@ -416,11 +412,11 @@ def test_grad_checkpointing_same_gradients():
 
 @pytest.mark.parametrize('kwargs,expected,paper', [
     (dict(num_kernels=4, dyr_kwargs=dict(agnostic_kernel=False)), 12_605_336, 12.6e6),  # AFKA on, RCKS off
-    (dict(dyr_kwargs=dict(token_dim=0, attn_hidden=30)), 12_436_408, 12.4e6),  # AFKA off (hidden 30, spec A8)
+    (dict(dyr_kwargs=dict(token_dim=0, attn_hidden=30)), 12_436_408, 12.4e6),  # AFKA off (hidden 30 fits Table 3)
     (dict(num_kernels=4, dyr_kwargs=dict(token_dim=0, attn_hidden=30, agnostic_kernel=False)), 9_988_568, 10.0e6),
 ])
 def test_table3_ablation_configs(kwargs, expected, paper):
-    """The layer's ablation switches rebuild the paper's Table 3 models (spec §5; counts computed here)."""
+    """The layer's ablation switches rebuild the paper's Table 3 models (counts computed here)."""
     model = timm.create_model('dmf_xxs', device='meta', **kwargs)
     n = sum(p.numel() for p in model.parameters())
     assert n == expected and round(n / 1e5) * 1e5 == paper

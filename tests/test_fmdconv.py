@@ -1,11 +1,9 @@
 """FMDConv (Zhang et al., KBS 317, 2025): the layer's math, parameter counts, temperatures, and parity with the
-authors' code. Spec: ``shared/specs/fmdconv.md`` (section numbers below are the spec's).
+authors' code (tianyu00824/FMDConv); section, equation and table numbers are the paper's.
 
 The reference forward here is Algorithm 1 written out per sample from the layer's own parameters with plain
 ``F.conv2d`` -- it uses none of dynzoo's execution code.
 """
-import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,19 +11,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import timm
-from safetensors.torch import load_file
 
 import dynzoo
 from dynzoo.layers import FMDConv2d, set_default_strategy
 from dynzoo.models import MODEL_INFO
+from conftest import official_fixture
 
 torch.set_num_threads(1)
-
-# the official fixtures live beside the checkout (../shared/fixtures/official), or where $DYNZOO_FIXTURES_DIR says
-FIXTURE_DIR = Path(os.environ.get('DYNZOO_FIXTURES_DIR')
-                   or Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'official')
-FIXTURE_TENSORS = FIXTURE_DIR / 'fmdconv_resnet18.official.safetensors'
-FIXTURE_META = FIXTURE_DIR / 'fmdconv_resnet18.official.json'
 
 FMD_MODELS = ['fmdconv_resnet18', 'fmdconv_resnet34', 'fmdconv_resnet50', 'fmdconv_resnet101',
               'fmdconv_mobilenetv2_050', 'fmdconv_mobilenetv2_075', 'fmdconv_mobilenetv2_100']
@@ -95,9 +87,10 @@ def eq5_forward(layer: FMDConv2d, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs)
 
 
-def spec_layer_params(c_in: int, c_out: int, k: int, groups: int, num_kernels: int,
+def closed_form_layer_params(c_in: int, c_out: int, k: int, groups: int, num_kernels: int,
                       kernel_taps: int = None) -> int:
-    """Spec §1.3 per-layer formula (reduction 1/16, min 16, kernel ratio 1/4, H = K when C_in == 3)."""
+    """The layer's parameter count in closed form, from Sec. 3.3 and the authors' ``FMDConv2d`` (reduction 1/16,
+    min 16, kernel ratio 1/4, H = K when C_in == 3)."""
     taps = k * k if kernel_taps is None else kernel_taps
     a = max(int(c_in * 0.0625), 16)
     h = num_kernels if c_in == 3 else int(c_in * 0.25) + 1
@@ -224,7 +217,7 @@ def test_gradcheck(strategy, groups):
     assert torch.autograd.gradcheck(f, (x,) + params, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-# --- §1.3 / §2: parameter counts -------------------------------------------------------------------------------------
+# --- parameter counts (Table 9) --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('name, c_in, c_out, stride, k4, k1', [
     ('layer1.0.conv1', 64, 64, 1, 152_104, 41_266),
@@ -236,7 +229,7 @@ def test_layer_params_resnet18(name, c_in, c_out, stride, k4, k1):
     for num_kernels, expected in ((4, k4), (1, k1)):
         layer = FMDConv2d(c_in, c_out, 3, stride=stride, padding=1, num_kernels=num_kernels, device='meta')
         assert n_params(layer) == expected
-        assert spec_layer_params(c_in, c_out, 3, 1, num_kernels) == expected
+        assert closed_form_layer_params(c_in, c_out, 3, 1, num_kernels) == expected
         model = timm.create_model('fmdconv_resnet18', num_kernels=num_kernels, device='meta')
         in_model = model.get_submodule(name)
         assert isinstance(in_model, FMDConv2d) and in_model.stride == (stride, stride)
@@ -245,18 +238,18 @@ def test_layer_params_resnet18(name, c_in, c_out, stride, k4, k1):
 
 def test_layer_params_mobilenetv2_100():
     model = timm.create_model('fmdconv_mobilenetv2_100', device='meta')
-    # spec names torchvision's features.1 (dw 32, pw-linear 32->16) and features.2 (pw 16->96); timm's are:
+    # torchvision's features.1 (dw 32, pw-linear 32->16) and features.2 (pw 16->96) are timm's:
     for name, expected in (('blocks.0.0.conv_dw', 2_696), ('blocks.0.0.conv_pw', 3_800),
                            ('blocks.1.0.conv_pw', 8_824)):
         layer = model.get_submodule(name)
         assert isinstance(layer, FMDConv2d)
         assert n_params(layer) == expected, name
-        assert spec_layer_params(layer.in_channels, layer.out_channels, layer.kernel_size[0], layer.groups,
+        assert closed_form_layer_params(layer.in_channels, layer.out_channels, layer.kernel_size[0], layer.groups,
                                  layer.num_kernels) == expected
 
 
-# spec §2.3 (COMPUTED there; the paper reports only ResNet-18's, Table 9) -- None: not in the spec, checked below
-SPEC_PARAMS = {
+# counts computed with the authors' layer rules (the paper reports only ResNet-18's, Table 9); None: checked below only
+EXPECTED_PARAMS = {
     'fmdconv_resnet18': 45_203_400, 'fmdconv_resnet34': None, 'fmdconv_resnet50': 95_405_480,
     'fmdconv_resnet101': None, 'fmdconv_mobilenetv2_050': 5_064_384, 'fmdconv_mobilenetv2_075': 8_877_776,
     'fmdconv_mobilenetv2_100': 13_915_368,
@@ -270,13 +263,13 @@ N_DYNAMIC = {'fmdconv_resnet18': 16, 'fmdconv_resnet34': 32, 'fmdconv_resnet50':
 def test_model_params(name):
     model = timm.create_model(name, device='meta')
     total = n_params(model)
-    if SPEC_PARAMS[name] is not None:
-        assert total == SPEC_PARAMS[name]
-    # independent of the spec's table: timm's static network, every replaced conv swapped for the §1.3 formula
+    if EXPECTED_PARAMS[name] is not None:
+        assert total == EXPECTED_PARAMS[name]
+    # independent of the table: timm's static network, every replaced conv swapped for the closed-form count
     layers = [m for m in model.modules() if isinstance(m, FMDConv2d)]
     assert len(layers) == N_DYNAMIC[name]
     static = timm.create_model(STATIC_HOST[name], device='meta')
-    swapped = sum(spec_layer_params(m.in_channels, m.out_channels, m.kernel_size[0], m.groups, m.num_kernels,
+    swapped = sum(closed_form_layer_params(m.in_channels, m.out_channels, m.kernel_size[0], m.groups, m.num_kernels,
                                     kernel_taps=m.kernel_size[0] * m.kernel_size[1])
                   - m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
                   for m in layers)
@@ -292,7 +285,7 @@ TABLE9 = {1: 12.23, 2: 23.22, 4: 45.20, 6: 67.18, 8: 89.16, 16: 177.09}  # paper
 def test_table9_closed_form(num_kernels):
     model = timm.create_model('fmdconv_resnet18', num_kernels=num_kernels, device='meta')
     total = n_params(model)
-    assert total == 1_242_632 + num_kernels * 10_990_192  # spec §2.2 closed form
+    assert total == 1_242_632 + num_kernels * 10_990_192  # static part + K x (the 16 block convs' kernels)
     assert round(total / 1e6, 2) == TABLE9[num_kernels]
     assert all(m.num_kernels == num_kernels for m in model.modules() if isinstance(m, FMDConv2d))
 
@@ -314,7 +307,8 @@ def test_temperature_schedule():
         e = (t0 - 1) // 3
         assert dynzoo.fmdconv_temperature(e, t0=t0) == 1.0
         assert e == 0 or dynzoo.fmdconv_temperature(e - 1, t0=t0) == 4.0
-    assert dynzoo.fmdconv_temperature(5, t0=10, step=2) == 1.0 and dynzoo.fmdconv_temperature(2, t0=10, step=2) == 6.0
+    assert dynzoo.fmdconv_temperature(5, t0=10, decrement=2) == 1.0
+    assert dynzoo.fmdconv_temperature(2, t0=10, decrement=2) == 6.0
 
 
 def test_set_temperature_reaches_every_head():
@@ -349,14 +343,11 @@ def test_temperature_changes_the_kernel_attention():
     torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=1e-10, atol=1e-10)
 
 
-# --- parity with the authors' code (spec addendum; fixture README) ---------------------------------------------------
+# --- parity with the authors' code (fixture README) -----------------------------------------------------------------
 
 def _authors_checkpoint(tmp_path: Path):
     """The fixture's state dict, wrapped as the authors' main.py saves it, as a .pth file."""
-    fx = load_file(str(FIXTURE_TENSORS))
-    sd = {k[2:]: v.float() * fx['scale.' + k[2:]] for k, v in fx.items() if k.startswith('q.')}
-    sd.update({k[4:]: v for k, v in fx.items() if k.startswith('raw.')})
-    meta = json.loads(FIXTURE_META.read_text())
+    sd, x, logits, meta = official_fixture('fmdconv_resnet18')
     assert len(sd) == meta['n_state_keys']
     container = {
         'epoch': 100, 'best_acc': 73.21,
@@ -367,13 +358,11 @@ def _authors_checkpoint(tmp_path: Path):
     path = tmp_path / 'fmd_resnet18_checkpoint.pth'
     torch.save(container, str(path))
     assert isinstance(torch.load(str(path), weights_only=True), dict)
-    return path, fx['input'], fx['logits'], meta
+    return path, x, logits, meta
 
 
 @pytest.fixture(scope='module')
 def authors_model(tmp_path_factory):
-    if not FIXTURE_TENSORS.exists():
-        pytest.fail(f'parity fixture {FIXTURE_TENSORS} is missing (set $DYNZOO_FIXTURES_DIR)')
     path, x, logits, meta = _authors_checkpoint(tmp_path_factory.mktemp('fmd_parity'))
     model = timm.create_model('fmdconv_resnet18', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     return model.eval(), x, logits, meta

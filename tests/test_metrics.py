@@ -1,9 +1,9 @@
-"""IES / RCS (FMDConv paper §3.2) against the test vectors of the FMDConv spec §5 (exact to 2 decimals)."""
+"""IES / RCS (FMDConv paper, Sec. 3.2, Eqs. 3-4) against the values its Tables 3-7 print (exact to 2 decimals)."""
 import pytest
 
 from dynzoo.utils.metrics import N_CIFAR, N_IMAGENET, ies, rcs
 
-# (time per epoch s, top-1 %, expected IES, expected RCS, N) -- spec §5 table, values printed by the paper
+# (time per epoch s, top-1 %, expected IES, expected RCS, N) -- values printed by the paper
 VECTORS = [
     (114.7, 94.21, 121.75, 492.82, N_CIFAR),       # Table 3, Ours
     (222.1, 72.63, 305.80, 196.21, N_CIFAR),       # Table 4, ODConv (paper prints 305.79: rounding)
@@ -30,7 +30,7 @@ def test_rcs_is_n_over_ies(time_s, top1, _ies, _rcs, n):
 
 
 def test_static_row_of_table2():
-    # spec §5: the static baseline (89.7 %, 47.01 s) would score IES 52.41 and RCS 1144.86
+    # Table 2 prints no IES/RCS for the static baseline (89.7 %, 47.01 s); Eqs. 3-4 give IES 52.41 and RCS 1144.86
     assert round(ies(47.01, 89.7), 2) == 52.41
     assert round(rcs(47.01, 89.7, N_CIFAR), 2) == 1144.86
 

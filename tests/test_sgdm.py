@@ -1,5 +1,5 @@
-"""SGDM / RDConv (dynzoo spec sgdm.md): operator math, fusion identities, parameter counts, reparameterization,
-detection features. Small shapes throughout; every expected integer is the spec's, every computed one computed here."""
+"""SGDM / RDConv (Xing, Cui, Qi): operator math, fusion identities, parameter counts, reparameterization, detection
+features. Small shapes throughout; every expected integer is written out, every compared one computed here."""
 import copy
 
 import pytest
@@ -13,7 +13,6 @@ from dynzoo.layers.sgdm import (
     SGDM, GuidedDynamicConv2d, RDConv2d, StaticStripConv, StripSpatialAttention, razor_split, sgdm_num_params,
     static_guide, strip_to_square,
 )
-from dynzoo.models._reparam import reparameterize
 
 MODELS = ['sgdm_cspdarknet_n', 'sgdm_cspdarknet_s', 'sgdm_resnet18']
 
@@ -73,17 +72,17 @@ def _reference_rdconv(rd: RDConv2d, x: torch.Tensor, guide) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# parameter counts (spec §1.5, §4)
+# parameter counts (the closed form sgdm_num_params; the paper's Tables 2, 3, 5 deltas)
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('channels,expected', [(64, 7_284), (128, 28_388), (256, 112_068), (512, 445_316)])
-def test_sgdm_params_equal_spec_formula(channels, expected):
+def test_sgdm_params_equal_closed_form(channels, expected):
     module = SGDM(channels, device='meta')
     assert _num_params(module) == expected == sgdm_num_params(channels)
 
 
 def test_sgdm_param_breakdown_c256():
-    """Spec §1.5 breakdown for C=256: static 36,992 x 2, experts 36,864, routing 132, BN 64, spatial 1,024."""
+    """The closed form's breakdown for C=256: static 36,992 x 2, experts 36,864, routing 132, BN 64, spatial 1,024."""
     m = SGDM(256, device='meta')
     assert _num_params(m.conv_h) == _num_params(m.conv_w) == 36_992
     assert m.rdconv.dynamic.weight.numel() == 36_864
@@ -97,7 +96,7 @@ def test_sgdm_param_breakdown_c256():
     ('sgdm_cspdarknet_s', 6_947_508, 6_361_736, 585_772),
     ('sgdm_resnet18', 12_275_284, 11_689_512, 585_772),
 ])
-def test_model_params_equal_spec(name, expected, baseline, increment):
+def test_model_params_exact(name, expected, baseline, increment):
     model = timm.create_model(name, device='meta')
     if name == 'sgdm_resnet18':
         host = timm.create_model('resnet18', device='meta')
@@ -108,7 +107,7 @@ def test_model_params_equal_spec(name, expected, baseline, increment):
     assert _num_params(model) - _num_params(host) == increment
 
 
-def test_sppf_option_adds_spec_params_and_precedes_p5_sgdm():
+def test_sppf_option_adds_its_params_and_precedes_p5_sgdm():
     base = timm.create_model('sgdm_cspdarknet_n', device='meta')
     with_sppf = timm.create_model('sgdm_cspdarknet_n', sppf=True, device='meta')
     assert _num_params(with_sppf) - _num_params(base) == 164_608
@@ -185,7 +184,8 @@ def test_guide_identity_per_expert(strategy):
     guided = GuidedDynamicConv2d(6, 6, 3, padding=1, strategy=strategy).eval()
     folded = copy.deepcopy(guided)
     guide = torch.randn(6, 6, 3, 3)
-    folded.fold_guide(guide)
+    with torch.no_grad():
+        folded.weight.mul_(guide)
     for k in range(guided.num_kernels):
         torch.testing.assert_close(folded.weight[k], guided.weight[k] * guide, rtol=0, atol=0)
     x = torch.randn(3, 6, 8, 8)
@@ -229,7 +229,7 @@ def test_sgdm_equals_concat_of_branches():
 
 
 def test_static_strips_get_gradient_from_both_paths():
-    """Spec §7.5: the guide is not detached. Loss on the RDConv slice only -> W_h gets gradient only in its leading
+    """The guide is not detached (Eq. 10: the static kernels guide the dynamic one while both train). Loss on the RDConv slice only -> W_h gets gradient only in its leading
     c_i x c_i block (through the guide); loss on the H-strip slice only -> everywhere; together -> the sum."""
     m = SGDM(32).train()
     x = torch.randn(2, 32, 8, 8)
@@ -283,7 +283,7 @@ def test_model_batch_consistency_eval():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# reparameterization (spec §2)
+# reparameterization
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_sgdm_reparameterize_module():
@@ -294,15 +294,16 @@ def test_sgdm_reparameterize_module():
     experts, bn = m.rdconv.dynamic.weight.detach().clone(), copy.deepcopy(m.rdconv.bn)
     with torch.no_grad():
         before = m(x)
-        m.reparameterize()
+        reparameterize_model(nn.Sequential(m), inplace=True)  # the walker visits the SGDM, then its children
         after = m(x)
     assert (before - after).abs().max() <= 1e-5
     assert before[:, :32].abs().max() > 0.5
-    assert m.deployed and not any(isinstance(q, nn.BatchNorm2d) for q in m.modules())
+    assert m.guide is not None and not any(isinstance(q, nn.BatchNorm2d) for q in m.modules())
     scale = bn.weight / (bn.running_var + bn.eps).sqrt()
-    torch.testing.assert_close(m.rdconv.dynamic.weight, experts * raw * scale.reshape(1, -1, 1, 1, 1))
+    torch.testing.assert_close(m.guide, raw)
+    torch.testing.assert_close(m.rdconv.dynamic.weight, experts * scale.reshape(1, -1, 1, 1, 1))
     state = copy.deepcopy(m.state_dict())
-    m.reparameterize()  # idempotent
+    reparameterize_model(nn.Sequential(m), inplace=True)  # idempotent
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.script(m)(x), after)
@@ -311,7 +312,7 @@ def test_sgdm_reparameterize_module():
 def test_reparameterize_refuses_strips_folded_alone():
     m = SGDM(32).eval()
     m.conv_h.reparameterize()
-    with pytest.raises(RuntimeError, match='folded on their own'):
+    with pytest.raises(RuntimeError, match='folded before the SGDM'):
         m.reparameterize()
 
 
@@ -330,18 +331,23 @@ def test_strip_and_rdconv_folds_standalone():
 
 @pytest.mark.parametrize('name', MODELS)
 def test_model_reparameterize_exact(name):
-    """Every SGDM model: eval logits before/after dynzoo.reparameterize agree to 1e-5 (fp32, calibrated BNs);
-    no BatchNorm is left; timm's reparameterize_model (which skips the root: the stem BN stays) agrees too."""
+    """Every SGDM model, through timm's walker from training or eval mode: eval logits agree to 1e-5 (fp32,
+    calibrated BNs); every BN is folded but the ResNet's root-level stem ``bn1``; every SGDM holds its guide;
+    ``inference_mode=True`` builds the same structure (strict load, same outputs)."""
     model = _calibrate_bn(timm.create_model(name, num_classes=10), seed=1)
     x = torch.randn(2, 3, 64, 64)
-    fused = reparameterize(model)
-    timm_fused = reparameterize_model(model)
     with torch.no_grad():
         ref = model(x)
-        assert (fused(x) - ref).abs().max() <= 1e-5
-        assert (timm_fused(x) - ref).abs().max() <= 1e-5
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
-    assert all(m.deployed for m in fused.modules() if isinstance(m, SGDM))
+        for mode in (True, False):
+            fused = reparameterize_model(model.train(mode)).eval()
+            assert (fused(x) - ref).abs().max() <= 1e-5
+        torch.testing.assert_close(reparameterize_model(fused)(x), fused(x), rtol=0, atol=0)  # idempotent
+        direct = timm.create_model(name, num_classes=10, inference_mode=True).eval()
+        direct.load_state_dict(fused.state_dict(), strict=True)
+        torch.testing.assert_close(direct(x), fused(x), rtol=0, atol=0)
+    left = [n for n, m in fused.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert left == (['bn1'] if name == 'sgdm_resnet18' else [])
+    assert all(m.guide is not None for m in fused.modules() if isinstance(m, SGDM))
 
 
 def test_reparameterize_exact_in_float64():
@@ -349,7 +355,7 @@ def test_reparameterize_exact_in_float64():
     model = _calibrate_bn(timm.create_model('sgdm_cspdarknet_n', num_classes=10)).double()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
-        assert (reparameterize(model)(x) - model(x)).abs().max() <= 1e-12
+        assert (reparameterize_model(model)(x) - model(x)).abs().max() <= 1e-12
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The weights index: the shipped index follows the schema of docs/weights.md, every listed model exists, and the
-validator refuses entries that break the schema (so it can fail)."""
+validator refuses entries that break the schema (so it can fail). The index in force is cached on its content, and
+timm's ``.untrained`` tag marks exactly the models without weights."""
 import copy
 import json
+import os
 import re
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from timm.models import get_arch_pretrained_cfgs
 
 import dynzoo
 from dynzoo.models import _hub as hub
+from dynzoo.models._builder import known_tags
 from dynzoo.tools.publish import IndexValidationError, update_index, validate_entry, validate_index
 
 DOCS = Path(__file__).resolve().parents[1] / 'docs' / 'weights.md'
@@ -152,3 +155,64 @@ def test_docs_describe_every_schema_field():
               'recipe', 'protocol', 'measured_by', 'url', 'repo', 'commit']
     missing = [f for f in fields if f'`{f}`' not in text]
     assert not missing, f'docs/weights.md does not document {missing}'
+
+
+# --- the index in force: cached on its content; timm's .untrained tag ------------------------------------------
+
+def test_index_cache_follows_content_not_mtime(tmp_path, monkeypatch):
+    """A rewrite that keeps size and modification time (a copy with preserved times, a coarse clock) is seen."""
+    path = tmp_path / 'index.json'
+    monkeypatch.setenv(hub.INDEX_ENV, str(path))
+    first, second = dict(GOOD_NOT_MIRRORED, tag='in1k'), dict(GOOD_NOT_MIRRORED, tag='in2k')
+    path.write_text(json.dumps({'schema': hub.INDEX_SCHEMA, 'entries': [first]}))
+    stamp = path.stat().st_mtime_ns
+    assert hub.find_entry('attnet_t1', 'in1k') == first
+    path.write_text(json.dumps({'schema': hub.INDEX_SCHEMA, 'entries': [second]}))
+    os.utime(path, ns=(stamp, stamp))
+    assert path.stat().st_mtime_ns == stamp and hub.find_entry('attnet_t1', 'in1k') is None
+    assert hub.find_entry('attnet_t1', 'in2k') == second
+
+
+@pytest.mark.parametrize('make, match', [
+    (lambda p: p.write_text('{"schema": '), r'is not valid JSON \(Expecting value: line 1'),
+    (lambda p: p.mkdir(), 'is a directory'),
+], ids=['bad_json', 'directory'])
+def test_unreadable_index(tmp_path, monkeypatch, make, match):
+    path = tmp_path / 'index.json'
+    make(path)
+    monkeypatch.setenv(hub.INDEX_ENV, str(path))
+    with pytest.raises(hub.CheckpointError, match=f'weights index {re.escape(str(path))} {match}'):
+        hub.load_index()
+
+
+def test_untrained_exactly_where_no_weights_exist():
+    """timm's convention: a model is tagged ``.untrained`` (and nothing else) exactly when the shipped index lists
+    no checkpoint of it."""
+    listed = {e['model'] for e in _shipped_index()['entries']}
+    wrong = {name: known_tags(name) for name in dynzoo.list_dynzoo_models()
+             if (known_tags(name) == [hub.UNTRAINED_TAG]) == (name in listed)}
+    assert not wrong, f'tags do not follow the index (.untrained iff no entry): {wrong}'
+
+
+def test_untrained_tag_refuses_pretrained(tmp_path, monkeypatch):
+    """``pretrained=True`` on a ``.untrained`` tag raises at once, naming what exists, even where an index entry
+    claims to publish it; no download is tried."""
+    import huggingface_hub
+
+    def _no_download(*args, **kwargs):
+        raise AssertionError('an .untrained tag must not touch the network')
+
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', _no_download)
+    claim = dict(GOOD_PUBLISHED, tag=hub.UNTRAINED_TAG)
+    monkeypatch.setenv(hub.INDEX_ENV, str(tmp_path / 'index.json'))
+    (tmp_path / 'index.json').write_text(json.dumps({'schema': hub.INDEX_SCHEMA, 'entries': [claim]}))
+    assert not hub.is_published(claim['model'], hub.UNTRAINED_TAG)
+    with pytest.raises(hub.PretrainedUnavailableError,
+                       match=re.escape(f"exists for '{claim['model']}.untrained'") + r".*tag for an architecture "
+                             r"without released weights"):
+        hub.load_checkpoint(dict(architecture=claim['model'], tag=hub.UNTRAINED_TAG))
+    monkeypatch.delenv(hub.INDEX_ENV)
+    for name in dynzoo.list_dynzoo_models():
+        if known_tags(name) == [hub.UNTRAINED_TAG]:
+            with pytest.raises(hub.PretrainedUnavailableError, match=re.escape(f"exists for '{name}.untrained'")):
+                timm.create_model(name, pretrained=True, device='meta')

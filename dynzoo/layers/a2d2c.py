@@ -1,21 +1,22 @@
 """A2D2C / A2D2C+: adaptive attention-driven dynamic convolution (Zhang et al., "A2D2C: Adaptive
 Attention-Driven Dynamic Convolution for Local Feature Adaptation").
 
-Routing (paper §3.2-3.3, Eq. 2-5; spec §1.1, §2.3): every base kernel ``W_i`` answers the layer input,
-``F_i = conv(x, W_i) + b_i`` (Eq. 2); its response is summarised by multi-point random sampling (MRS, Eq. 3-4), the
-mean of ``F_i`` over ``M`` positions drawn uniformly with replacement, ``p_i = mean_j F_i[:, u_ij]`` (``C_out``
-values); one linear router shared by all kernels turns each summary into a logit ``z_i = w . p_i + b`` and
-``pi = softmax(z / T)`` over the ``K`` kernels (Eq. 5; the paper's ``softmax(p_i)`` is read as a softmax over the
-kernels, spec A3). Two execution modes with identical parameters and identical outputs for the same positions:
+Routing (paper §3.2-3.3, Eq. 2-5): every base kernel ``W_i`` answers the layer input, ``F_i = conv(x, W_i) + b_i``
+(Eq. 2); its response is summarised by multi-point random sampling (MRS, Eq. 3-4), the mean of ``F_i`` over ``M``
+positions drawn uniformly with replacement, ``p_i = mean_j F_i[:, u_ij]`` (``C_out`` values); one linear router
+shared by all kernels turns each summary into a logit ``z_i = w . p_i + b`` and ``pi = softmax(z / T)`` over the
+``K`` kernels (Eq. 5; dynzoo's choice: the paper's ``softmax(p_i)`` read as a softmax over the kernels). The
+sampled means are computed without the ``K`` response maps, by linearity ``p_i = W_i (*) P_i + b_i`` where ``P_i``
+is the mean input patch under the sampled positions (exact, zero padding included). Two modes with identical
+parameters and identical outputs for the same positions, which differ in how the mixture is convolved:
 
-* ``mode='fused'`` (A2D2C, Eq. 6-7): the sampled means are computed without the ``K`` response maps, by
-  linearity ``p_i = W_i (*) P_i + b_i`` where ``P_i`` is the mean input patch under the sampled positions (exact,
-  zero padding included), then ONE convolution with the aggregated kernel ``sum_i pi_i W_i`` (the shared core);
-* ``mode='sum'`` (A2D2C+, Eq. 8, Alg. 2): the ``K`` response maps are computed as one dense conv with ``K*C_out``
-  outputs, sampled for the routing, and mixed, ``y = sum_i pi_i F_i``. ``K`` times the convolution FLOPs (the
-  paper's printed A2D2C+ MAdds do not count them, spec A4).
+* ``mode='fused'`` (A2D2C, Eq. 6-7): ONE convolution with the aggregated kernel ``sum_i pi_i W_i`` (any strategy of
+  the shared core);
+* ``mode='sum'`` (A2D2C+, Eq. 8, Alg. 2): the ``K`` response maps as one dense conv with ``K*C_out`` outputs, mixed,
+  ``y = sum_i pi_i F_i`` -- the core's ``'dense'`` strategy, which this mode always runs. ``K`` times the
+  convolution FLOPs (the paper's printed A2D2C+ MAdds do not count them).
 
-Decisions the paper leaves open (spec §2.6-2.8, A5-A7):
+Decisions the paper leaves open (dynzoo's choices):
 
 * sampling shares one index set per kernel across the mini-batch (``sample_per='batch'``) or draws one per
   sample (``'sample'``); indices come from the global torch RNG, so ``torch.manual_seed`` reproduces a run;
@@ -24,7 +25,8 @@ Decisions the paper leaves open (spec §2.6-2.8, A5-A7):
   expectation); ``'fixed'`` uses a deterministic golden-ratio (Weyl) set of ``M`` positions per kernel, a
   stand-in for the paper's "fixed sampling" ablation; ``'random'`` keeps the paper-literal stochastic sampling;
 * the temperature is a persistent buffer of the router (role ``'kernel'``), default 1 (an inference-ready
-  model); training anneals it 30 -> 1 over the first 10 epochs (:func:`a2d2c_temperature`);
+  model); training anneals it 30 -> 1 over the first 10 epochs (§4.3; the end value 1 is dynzoo's choice), per
+  step: :func:`~dynzoo.layers.temperature.linear_temperature`;
 * folding a following BatchNorm scales each output channel of every response ``F_i`` by ``s``, which would
   change the router's input: :meth:`A2D2CConv2d.fuse_bn` compensates exactly by dividing the router weight by
   ``s`` (the BN shift adds the same constant to every logit, which the softmax ignores).
@@ -37,22 +39,16 @@ import torch.nn.functional as F
 
 from timm.layers import register_notrace_module
 
-from .dynamic import DynamicConv2dBase, dynamic_conv2d
-from .heads import TemperatureMixin, linear_temperature, softmax_fp32
+from .dynamic import DynamicAttention, DynamicConv2dBase, conv_output_size, resolve_strategy
+from .fusion import bn_scale_shift
+from .heads import softmax_fp32
+from .temperature import TemperatureMixin
 
-__all__ = ['A2D2CConv2d', 'A2D2CRouter', 'a2d2c_temperature', 'A2D2C_MODES', 'A2D2C_EVAL_SAMPLING']
+__all__ = ['A2D2CConv2d', 'A2D2CRouter', 'A2D2C_MODES', 'A2D2C_EVAL_SAMPLING']
 
 A2D2C_MODES = ('fused', 'sum')
 A2D2C_SAMPLE_PER = ('batch', 'sample')
 A2D2C_EVAL_SAMPLING = ('mean', 'fixed', 'random')
-
-
-def a2d2c_temperature(iteration: int, iters_per_epoch: int, t0: float = 30.0, epochs: int = 10) -> float:
-    """The paper's schedule (§4.3): ``T`` from ``t0`` linearly to 1 over the first ``epochs`` epochs, per iteration
-    (``iteration`` is the 0-based global step). The end value 1 is PROPOSED (spec A7)."""
-    if iters_per_epoch <= 0:
-        raise ValueError(f'iters_per_epoch must be > 0, got {iters_per_epoch}')
-    return linear_temperature(iteration / float(iters_per_epoch * epochs), t0, 1.0)
 
 
 class A2D2CRouter(nn.Linear, TemperatureMixin):
@@ -71,10 +67,6 @@ class A2D2CRouter(nn.Linear, TemperatureMixin):
         return softmax_fp32(z / self.temperature, dim=1)
 
 
-def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
 @register_notrace_module
 class A2D2CConv2d(DynamicConv2dBase):
     """A2D2C (``mode='fused'``) / A2D2C+ (``mode='sum'``) layer with full ``nn.Conv2d`` geometry.
@@ -84,8 +76,10 @@ class A2D2CConv2d(DynamicConv2dBase):
     (``'mean'`` | ``'fixed'`` | ``'random'``). ``bias=False`` in the backbones (BN follows). Parameters:
     ``K*C_out*C_in/g*kh*kw + C_out + 1`` (+ ``K*C_out`` with bias).
 
-    ``forward(x, positions=None)``: ``positions`` (int64, ``(K, M)`` shared by the batch or ``(B, K, M)``,
-    values in ``[0, H_out*W_out)``, row-major output positions) overrides the sampling -- for tests and analysis.
+    ``forward(x, positions=None)``: ``positions`` (the core's conditioning tensor; int64, ``(K, M)`` shared by the
+    batch or ``(B, K, M)``, values in ``[0, H_out*W_out)``, row-major output positions) overrides the sampling --
+    for tests and analysis. ``inference_mode`` is accepted for the hosts (A2D2C has no fold of its own);
+    ``post_bias`` see :class:`~dynzoo.layers.dynamic.DynamicConv2dBase`.
     """
 
     def __init__(
@@ -106,6 +100,8 @@ class A2D2CConv2d(DynamicConv2dBase):
             eval_sampling: str = 'mean',
             strategy: str = 'auto',
             padding_mode: str = 'zeros',
+            inference_mode: bool = False,
+            post_bias: bool = False,
             device=None,
             dtype=None,
     ):
@@ -118,8 +114,9 @@ class A2D2CConv2d(DynamicConv2dBase):
         if num_points < 1:
             raise ValueError(f'num_points must be >= 1, got {num_points}')
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_kernels,
-            strategy, padding_mode, device=device, dtype=dtype)
+            in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+            padding=padding, dilation=dilation, groups=groups, bias=bias, num_kernels=num_kernels,
+            post_bias=post_bias, strategy=strategy, padding_mode=padding_mode, device=device, dtype=dtype)
         self.num_points = num_points
         self.mode = mode
         self.sample_per = sample_per
@@ -173,8 +170,8 @@ class A2D2CConv2d(DynamicConv2dBase):
 
     def output_size(self, x: torch.Tensor) -> Tuple[int, int]:
         return (
-            _out_size(x.shape[-2], self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0]),
-            _out_size(x.shape[-1], self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1]),
+            conv_output_size(x.shape[-2], self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0]),
+            conv_output_size(x.shape[-1], self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1]),
         )
 
     # ---------------------------------------------------------------- routing descriptors
@@ -243,77 +240,31 @@ class A2D2CConv2d(DynamicConv2dBase):
             desc = desc + self.bias.to(desc.dtype).unsqueeze(0)
         return desc
 
-    def responses(self, x: torch.Tensor) -> torch.Tensor:
-        """All ``K`` response maps ``F_i = conv(x, W_i) + b_i`` as one conv -> ``(B, K, C_out, H', W')``.
-
-        With groups the bank is reordered group-major, so each group's ``K*C_out/g`` outputs see that group's
-        inputs only."""
-        batch = x.shape[0]
-        k, g = self.num_kernels, self.groups
-        c_out_g = self.out_channels // g
-        kernel_shape = list(self.weight.shape[2:])
-        w = self.weight.reshape([k, g, c_out_g] + kernel_shape).transpose(0, 1)
-        w = w.reshape([g * k * c_out_g] + kernel_shape).to(x.dtype)
-        b: Optional[torch.Tensor] = None
-        if self.bias is not None:
-            b = self.bias.reshape(k, g, c_out_g).transpose(0, 1).reshape(-1).to(x.dtype)
-        y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, g)
-        y = y.reshape(batch, g, k, c_out_g, y.shape[-2], y.shape[-1]).transpose(1, 2)
-        return y.reshape(batch, k, self.out_channels, y.shape[-2], y.shape[-1])
-
     def routing(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``pi`` ``(B, K)`` computed the fused way (from mean patches)."""
         out_hw = self.output_size(x)
         positions = self.sample_positions(x.shape[0], out_hw, x.device, positions)
         return self.router(self.descriptors_fused(x, positions, out_hw))
 
-    def forward_attention(self, x: torch.Tensor) -> Tuple[
-            Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        return self.routing(x), None, None, None
+    def forward_attention(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> DynamicAttention:
+        """``cond``: explicit sampled positions (see the class docstring), else drawn by :meth:`sample_positions`."""
+        return DynamicAttention(self.routing(x, cond), None, None, None)
 
-    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self.check_input(x)
-        if self.mode == 'sum':
-            resp = self.responses(x)
-            batch, k, c_out, ho, wo = resp.shape
-            positions = self.sample_positions(batch, (ho, wo), x.device, positions)
-            flat = resp.reshape(batch, k, c_out, ho * wo)
-            if positions is None:
-                desc = flat.mean(-1)
-            elif positions.shape[-1] < ho * wo:  # gather the M sampled values
-                index = positions.unsqueeze(-2)
-                if positions.dim() == 2:
-                    index = index.unsqueeze(0)
-                desc = flat.gather(3, index.expand(batch, k, c_out, positions.shape[-1])).mean(-1)
-            else:
-                weights = self.sampling_weights(positions, ho * wo, x.dtype).to(flat.dtype)
-                if weights.dim() == 2:
-                    desc = torch.einsum('bkol,kl->bko', flat, weights)
-                else:
-                    desc = torch.einsum('bkol,bkl->bko', flat, weights)
-            pi = self.router(desc)
-            y = torch.einsum('bk,bkohw->bohw', pi.to(resp.dtype), resp)
-            if self.post_bias is not None:
-                y = y + self.post_bias.to(y.dtype).reshape(1, -1, 1, 1)
-            return y
-        pi = self.routing(x, positions)
-        return dynamic_conv2d(
-            x, self.weight, self.bias, pi, None, None, None,
-            self.stride, self.padding, self.dilation, self.groups, self.effective_strategy(),
-            post_bias=self.post_bias,
-        )
+    def effective_strategy(self) -> str:
+        if self.mode == 'sum':  # A2D2C+ is the K-conv sum (Eq. 8): the core's dense strategy
+            return 'dense'
+        return resolve_strategy(self.strategy)
 
     @torch.no_grad()
-    def fuse_bn(self, bn: nn.BatchNorm2d) -> None:
-        """Fold a following eval-mode BatchNorm (``y -> s y + t``) into the bank, keeping the routing exact.
+    def fuse_bn(self, bn: nn.Module) -> None:
+        """Fold a following BatchNorm (``y -> s y + t``) into the bank, keeping the routing exact.
 
         Scaling ``W_i`` (and ``b_i``) by ``s`` scales every response ``F_i`` per channel, so the router weight is
         divided by ``s``: ``(w / s) . (s p_i) = w . p_i``. The shift ``t`` becomes ``post_bias``, added after the
         mix; it would add ``w . t`` to every logit alike, which the softmax ignores. Refuses ``s == 0`` (a zero BN
         gamma), which no router weight can compensate.
         """
-        std = (bn.running_var + bn.eps).sqrt()
-        scale = bn.weight / std if bn.affine else 1.0 / std
+        scale, _ = bn_scale_shift(bn)
         if bool((scale == 0).any()):
             raise ValueError('cannot fold a BatchNorm with a zero scale (gamma == 0) into A2D2CConv2d: the routing '
                              'reads the per-channel responses and could not be compensated')

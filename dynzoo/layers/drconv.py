@@ -11,22 +11,24 @@ Per sample ``n``, with the pooled input ``GAP(x_n)`` and a conditioning token ``
 * ``W_k`` (``weight``, the core's kernel bank ``(K, C_out, C_in/g, kh, kw)``) are the input-dependent experts, zero
   initialised (paper Table 7), so at init the layer is the plain conv ``W_agn``.
 * ``s = 0.1`` (``expert_scale``) is not in the paper; the authors' code scales the experts by 0.1 before mixing and
-  their checkpoints need it. It is applied to the attention (``s * pi`` multiplies the bank in the core's aggregation,
-  identical to scaling the bank up to float rounding) and folded into the bank by :meth:`reparameterize`.
+  their checkpoints need it. It is applied to the attention (``s * pi`` multiplies the bank in the core's
+  aggregation), in the training and the inference form alike: there is nothing to fold.
 * The concatenation order is token first, then the pooled input (authors' code); the hidden width is the token
   width (192 in DMF), not a reduction of ``C_in``; both 1x1 convs have no bias; sigmoid, not softmax (Table 6).
 * The temperature ``T`` (a :class:`~dynzoo.layers.heads.TemperatureMixin` buffer, role ``'kernel'``) divides the
-  logits before the sigmoid; DMF anneals it 30 -> 1 over the first 10 epochs (``dynzoo.linear_temperature``) and
-  runs inference at 1.
+  logits before the sigmoid; DMF anneals it 30 -> 1 over the first 10 epochs
+  (:func:`~dynzoo.layers.temperature.linear_temperature`) and runs inference at 1.
 * Batch size 1 in training: the attention's BatchNorm sees one value per channel (pooled ``(1, C, 1, 1)``), on
   which batch statistics do not exist (the authors' code fails there). dynzoo's :class:`PooledBatchNorm2d`
   normalises such a batch with its running statistics and leaves them untouched (``single_sample_bn='running'``,
   default); ``'error'`` raises instead, naming the fix (batch >= 2, or SyncBatchNorm across devices).
 
 The execution (grouped per-sample kernels, dense-K mixing, ...) is the shared core's
-:func:`~dynzoo.layers.dynamic.dynamic_conv2d`; the agnostic kernel goes in as ``static_weight``.
+:func:`~dynzoo.layers.dynamic.dynamic_conv2d`; the agnostic kernel is the core's ``static_weight`` and the token its
+conditioning tensor. The inference form (``inference_mode=True``, or :meth:`DRKernelAttention.reparameterize`) folds
+the attention's BatchNorm into ``net1``.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -34,8 +36,9 @@ import torch.nn.functional as F
 
 from timm.layers import register_notrace_module, to_2tuple
 
-from .dynamic import DynamicConv2dBase, dynamic_conv2d
-from .heads import TemperatureMixin
+from .dynamic import DynamicAttention, DynamicConv2dBase
+from .fusion import fuse_conv_bn, is_batchnorm
+from .temperature import TemperatureMixin
 
 __all__ = ['PooledBatchNorm2d', 'DRKernelAttention', 'DynamicResidualConv2d']
 
@@ -84,7 +87,8 @@ class DRKernelAttention(nn.Module, TemperatureMixin):
     """DMF kernel attention (Fig. 3): ``pi = gate(net2(ReLU(BN(net1([z ; GAP x])))) / T)`` -> ``(B, K)``.
 
     ``token_dim=0`` drops the token input (the paper's "AFKA off" ablation, Table 3); its hidden width is then not
-    given by the paper: ``hidden_channels`` must be set (30 reproduces Table 3, spec §9 A8).
+    given by the paper: ``hidden_channels`` must be set (30 reproduces Table 3's parameter count: dynzoo's choice).
+    ``inference_mode=True``: ``net1`` with a bias and no ``bn`` (what :meth:`reparameterize` leaves).
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class DRKernelAttention(nn.Module, TemperatureMixin):
             temperature: float = 1.0,
             gate: str = 'sigmoid',
             single_sample_bn: str = 'running',
+            inference_mode: bool = False,
             device=None,
             dtype=None,
     ):
@@ -114,10 +119,10 @@ class DRKernelAttention(nn.Module, TemperatureMixin):
         self.num_kernels = num_kernels
         self.softmax_gate = gate == 'softmax'
         self._init_temperature(temperature, 'kernel', device=device)
-        self.net1 = nn.Conv2d(token_dim + in_channels, hidden_channels, 1, bias=False, **dd)
-        self.bn = PooledBatchNorm2d(hidden_channels, single_sample=single_sample_bn, **dd)
+        self.net1 = nn.Conv2d(token_dim + in_channels, hidden_channels, 1, bias=inference_mode, **dd)
+        self.bn = nn.Identity() if inference_mode else PooledBatchNorm2d(
+            hidden_channels, single_sample=single_sample_bn, **dd)
         self.net2 = nn.Conv2d(hidden_channels, num_kernels, 1, bias=False, **dd)
-        self.reparameterized = False
         for m in (self.net1, self.net2):
             nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
 
@@ -145,19 +150,10 @@ class DRKernelAttention(nn.Module, TemperatureMixin):
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Fold the eval-mode BatchNorm into ``net1`` (which gains a bias); exact."""
-        if self.reparameterized:
-            return
-        bn = self.bn
-        assert isinstance(bn, nn.BatchNorm2d)
-        scale = bn.weight / (bn.running_var + bn.eps).sqrt()
-        fused = nn.Conv2d(self.net1.in_channels, self.net1.out_channels, 1, bias=True,
-                          device=self.net1.weight.device, dtype=self.net1.weight.dtype)
-        fused.weight.copy_(self.net1.weight * scale.reshape(-1, 1, 1, 1))
-        fused.bias.copy_(bn.bias - bn.running_mean * scale)
-        self.net1 = fused
-        self.bn = nn.Identity()
-        self.reparameterized = True
+        """Fold the BatchNorm into ``net1`` (which gains a bias); exact, from the running statistics, any mode."""
+        if is_batchnorm(self.bn):
+            self.net1 = fuse_conv_bn(self.net1, self.bn)
+            self.bn = nn.Identity()
 
 
 @register_notrace_module
@@ -174,7 +170,9 @@ class DynamicResidualConv2d(DynamicConv2dBase):
       ``agnostic_kernel=False`` drops ``W_agn`` and initialises the experts like DynamicConv instead of with zeros
       (the paper's "RCKS off", Table 3: plain dynamic conv with sigmoid attention);
     * ``temperature`` (1 = inference), ``gate`` ``'sigmoid'`` (paper) or ``'softmax'`` (Table 6 ablation),
-      ``single_sample_bn`` see :class:`PooledBatchNorm2d`, ``strategy`` the core's execution strategy.
+      ``single_sample_bn`` see :class:`PooledBatchNorm2d`, ``strategy`` the core's execution strategy;
+    * ``inference_mode`` the attention in its folded form (:meth:`DRKernelAttention.reparameterize`), ``post_bias``
+      see :class:`~dynzoo.layers.dynamic.DynamicConv2dBase`.
     """
 
     def __init__(
@@ -195,6 +193,9 @@ class DynamicResidualConv2d(DynamicConv2dBase):
             gate: str = 'sigmoid',
             single_sample_bn: str = 'running',
             strategy: str = 'auto',
+            padding_mode: str = 'zeros',
+            inference_mode: bool = False,
+            post_bias: bool = False,
             device=None,
             dtype=None,
     ):
@@ -203,21 +204,16 @@ class DynamicResidualConv2d(DynamicConv2dBase):
             k = to_2tuple(kernel_size)
             d = to_2tuple(dilation)
             padding = (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
-        self.agnostic_kernel = agnostic_kernel
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, False, num_kernels,
-            strategy, device=device, dtype=dtype)
-        if agnostic_kernel:
-            self.static_weight = nn.Parameter(torch.empty(self.weight.shape[1:], **dd))
-        else:
-            self.register_parameter('static_weight', None)
+            in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+            padding=padding, dilation=dilation, groups=groups, bias=False, num_kernels=num_kernels,
+            static_kernel=agnostic_kernel, post_bias=post_bias, strategy=strategy, padding_mode=padding_mode, **dd)
         if expert_scale is None:
             expert_scale = 0.1 if agnostic_kernel else 1.0
         self.expert_scale = float(expert_scale)
         self.kernel_attention = DRKernelAttention(
-            in_channels, num_kernels, token_dim, attn_hidden, temperature, gate, single_sample_bn, **dd)
-        self.reparameterized = False
-        self.reset_bank_parameters()
+            in_channels, num_kernels, token_dim, attn_hidden, temperature, gate, single_sample_bn,
+            inference_mode=inference_mode, **dd)
 
     @classmethod
     def pointwise(cls, in_channels: int, out_channels: int, groups: int = 1, **kwargs) -> 'DynamicResidualConv2d':
@@ -231,62 +227,23 @@ class DynamicResidualConv2d(DynamicConv2dBase):
 
     def reset_bank_parameters(self) -> None:
         """Experts zero (paper Table 7) and ``W_agn`` ``kaiming_uniform_``; without ``W_agn`` the DynamicConv init."""
-        if not getattr(self, 'agnostic_kernel', True):
+        if self.static_weight is None:
             super().reset_bank_parameters()
             return
         nn.init.zeros_(self.weight)
-        static = getattr(self, 'static_weight', None)
-        if static is not None:
-            nn.init.kaiming_uniform_(static)
+        nn.init.kaiming_uniform_(self.static_weight)
 
-    def forward_attention(self, x: torch.Tensor, token: Optional[torch.Tensor] = None) -> Tuple[
-            Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """``(s * pi (B, K), None, None, None)`` in the core's attention order; ``s`` is the expert scale."""
+    def forward_attention(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> DynamicAttention:
+        """``s * pi`` ``(B, K)``, ``s`` the expert scale; ``cond`` is the token ``(B, token_dim)``."""
         pooled = x.mean((2, 3), keepdim=True)
-        pi = self.kernel_attention(pooled, token)
+        pi = self.kernel_attention(pooled, cond)
         if self.expert_scale != 1.0:
             pi = pi * self.expert_scale
-        return pi, None, None, None
-
-    def forward(self, x: torch.Tensor, token: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self.check_input(x)
-        kernel_attn, _, _, _ = self.forward_attention(x, token)
-        return dynamic_conv2d(
-            x, self.weight, None, kernel_attn, None, None, None,
-            self.stride, self.padding, self.dilation, self.groups, self.effective_strategy(),
-            static_weight=self.static_weight, post_bias=self.post_bias,
-        )
+        return DynamicAttention(pi, None, None, None)
 
     @torch.no_grad()
     def set_temperature(self, temperature: float) -> None:
         self.kernel_attention.set_temperature(temperature)
-
-    @torch.no_grad()
-    def fuse_bn(self, bn: nn.BatchNorm2d) -> None:
-        """Fold a following eval-mode BatchNorm: the experts (core) and ``W_agn`` scale per output channel (exact)."""
-        if self.static_weight is not None:
-            if bn.num_features != self.out_channels:
-                raise ValueError(f'BatchNorm has {bn.num_features} features, layer has {self.out_channels} outputs')
-            scale = 1.0 / (bn.running_var + bn.eps).sqrt()
-            if bn.affine:
-                scale = scale * bn.weight
-            self.static_weight.mul_(scale.reshape(-1, 1, 1, 1))
-        super().fuse_bn(bn)
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Inference form: attention BN folded into ``net1`` and the expert scale folded into the bank (exact).
-
-        ``W_agn + s * sum_k pi_k W_k`` cannot become one static kernel (the mixture depends on the input); the
-        per-sample kernel stays dynamic. A following BatchNorm folds with :meth:`fuse_bn`.
-        """
-        if self.reparameterized:
-            return
-        self.kernel_attention.reparameterize()
-        if self.expert_scale != 1.0:
-            self.weight.mul_(self.expert_scale)
-            self.expert_scale = 1.0
-        self.reparameterized = True
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

@@ -1,20 +1,21 @@
 """The dynamic-kernel core shared by every dynamic convolution of the zoo.
 
 A dynamic convolution holds a bank of ``K`` kernels ``W_k`` (``(K, C_out, C_in/g, kh, kw)``) and an optional
-per-kernel bias ``b_k`` (``(K, C_out)``). Per sample ``n`` its attention heads produce (any subset of)
+per-kernel bias ``b_k`` (``(K, C_out)``). Per sample ``n`` its attention heads produce (any subset of) the fields of
+:class:`DynamicAttention`:
 
-* ``kernel_attn``  ``(B, K)``       -- mixing weights ``alpha_k`` of the kernel bank (softmax, sigmoid, ...),
-* ``in_scale``     ``(B, C_in)``    -- input-channel attention, applied to the input (ODConv's trick),
-* ``out_scale``    ``(B, C_out)``   -- output-channel (filter) attention, applied to the output,
-* ``spatial_attn`` ``(B, kh*kw)``   -- kernel-tap attention (ODConv's spatial head), applied to the kernel,
+* ``kernel``     ``(B, K)``       -- mixing weights ``alpha_k`` of the kernel bank (softmax, sigmoid, ...),
+* ``in_scale``   ``(B, C_in)``    -- input-channel attention, applied to the input (ODConv's trick),
+* ``out_scale``  ``(B, C_out)``   -- output-channel (filter) attention, applied to the output,
+* ``spatial``    ``(B, kh*kw)``   -- kernel-tap attention (ODConv's spatial head), applied to the kernel,
 
 and the layer computes, for each sample,
 
     y_n = out_scale_n * conv(in_scale_n * x_n,  W_static + sum_k alpha_nk (spatial_n * W_k),
                              b_static + sum_k alpha_nk b_k) + post_bias
 
-(``W_static``/``b_static`` carry an input-agnostic kernel such as Dynamic Mobile-Former's; ``post_bias`` holds the
-shift of a BatchNorm folded into the layer, see :meth:`DynamicConv2dBase.fuse_bn`).
+(``W_static``/``b_static`` carry an input-agnostic kernel such as Dynamic Mobile-Former's, Eq. 2; ``post_bias``
+holds the shift of a BatchNorm folded into the layer, see :meth:`DynamicConv2dBase.fuse_bn`).
 
 Execution strategies, all exact (they agree to float rounding, tested in ``tests/test_dispatch.py``):
 
@@ -25,21 +26,27 @@ Execution strategies, all exact (they agree to float rounding, tested in ``tests
   full ``(B, C_out, C_in/g, kh, kw)`` tensor is never built: in deep layers it is far larger than the
   activations (300 MB at 512->512, 7x7, batch 32), and on a VM a fresh allocation of that size costs more in page
   faults than the convolution itself (``docs/performance.md``);
-* ``'dense'``    run the ``K`` experts as one dense conv with ``K*C_out`` outputs and mix the outputs with
-  ``alpha`` (no per-sample kernel is built; ``K`` times the FLOPs but dense-conv speed). Not available with a
-  spatial attention, which mixes taps inside the kernel (falls back to ``'grouped'``);
+* ``'dense'``    run the ``K`` experts as one dense conv with ``K*C_out`` outputs (:func:`expert_responses`) and
+  mix the outputs with ``alpha`` (no per-sample kernel is built; ``K`` times the FLOPs but dense-conv speed;
+  A2D2C+'s Eq. 8). Not available with a spatial attention, which mixes taps inside the kernel (falls back to
+  ``'grouped'``);
 * ``'bmm'``      pointwise (1x1, groups 1, no padding) layers as one batched matmul ``(B, C_out, C_in) @
   (B, C_in, H*W)`` (other geometries fall back to ``'grouped'``);
+* ``'gemm'``     im2col and one batched matmul per call, no batch-dependent conv groups: the form a traced or
+  exported graph runs (:mod:`dynzoo.layers.per_sample`);
 * ``'loop'``     one ``conv2d`` per sample with that sample's aggregated kernel: the reference, for tests;
 * ``'auto'``     the dispatcher :func:`select_strategy` picks by shape, batch and grad mode from crossover points
   measured on a 2-core CPU (``docs/performance.md``); ``strategy=`` per layer or :func:`set_default_strategy`
-  overrides it. While a graph is traced or exported the dispatcher never picks ``'tiled'``, whose loops depend
-  on the batch size.
+  overrides it.
 
-Families (FMDConv, ODConv, DynamicConv, CondConv, A2D2C, DMF) differ only in their heads: a subclass of
-:class:`DynamicConv2dBase` implements :meth:`DynamicConv2dBase.forward_attention`.
+While a graph is traced or exported (``torch.jit.trace``, ONNX, ``torch.export``) every per-sample form
+(``'grouped'``, ``'tiled'``, ``'loop'``) runs as ``'gemm'``, whose graph does not depend on the batch size.
+
+Families (FMDConv, ODConv, DynamicConv, CondConv, A2D2C, DMF, SGDM) differ only in their heads: a subclass of
+:class:`DynamicConv2dBase` implements :meth:`DynamicConv2dBase.forward_attention` (and, for SGDM's guide,
+:meth:`DynamicConv2dBase.transform_bank`).
 """
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -47,13 +54,18 @@ import torch.nn.functional as F
 
 from timm.layers import to_2tuple
 
+from .fusion import fold_bn_into_bank_
+from .per_sample import conv_output_size, is_exporting, is_pointwise, per_sample_conv2d
+
 __all__ = [
-    'STRATEGIES', 'aggregate_kernels', 'per_sample_conv2d', 'dynamic_conv2d', 'select_strategy',
-    'DynamicConv2dBase', 'set_default_strategy', 'get_default_strategy', 'tile_plan', 'tile_config', 'TILE_BYTES',
-    'TRAIN_TILE_BYTES', 'THREAD_TILE_BYTES', 'THREAD_TILE_SAMPLES', 'DENSE_TRAIN_RATIO',
+    'STRATEGIES', 'DynamicAttention', 'DynamicConv2dBase', 'aggregate_kernels', 'expert_responses',
+    'dynamic_conv2d', 'tiled_dynamic_conv2d', 'select_strategy', 'set_default_strategy', 'get_default_strategy',
+    'resolve_strategy',
+    'tile_plan', 'tile_config', 'TILE_BYTES', 'TRAIN_TILE_BYTES', 'THREAD_TILE_BYTES', 'THREAD_TILE_SAMPLES',
+    'DENSE_TRAIN_RATIO', 'per_sample_conv2d', 'conv_output_size', 'is_exporting',
 ]
 
-STRATEGIES = ('auto', 'grouped', 'tiled', 'dense', 'bmm', 'loop')
+STRATEGIES = ('auto', 'grouped', 'tiled', 'dense', 'bmm', 'gemm', 'loop')
 _DEFAULT_STRATEGY = ['auto']
 # bytes of aggregated kernel per tile of the 'tiled' strategy: the per-core L2 of the machine it was tuned on.
 # Eager code reads this module attribute at call time (so it can be tuned); TorchScript uses the default.
@@ -79,6 +91,15 @@ def set_default_strategy(strategy: str) -> None:
 
 def get_default_strategy() -> str:
     return _DEFAULT_STRATEGY[0]
+
+
+def resolve_strategy(strategy: str) -> str:
+    """A layer's ``strategy`` with ``'auto'`` replaced by the module default (:func:`set_default_strategy`); scripted
+    code keeps ``'auto'`` (the module default is Python state) and dispatches per call."""
+    if strategy != 'auto' or torch.jit.is_scripting():
+        return strategy
+    else:
+        return get_default_strategy()
 
 
 def _check_attn(t: Optional[torch.Tensor], name: str, batch: int, size: int) -> None:
@@ -115,58 +136,6 @@ def aggregate_kernels(
     return agg
 
 
-def per_sample_conv2d(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        stride: Tuple[int, int],
-        padding: Tuple[int, int],
-        dilation: Tuple[int, int],
-        groups: int,
-        strategy: str = 'grouped',
-) -> torch.Tensor:
-    """Convolve each sample ``x[n]`` with its own kernel ``weight[n]`` (``(B, C_out, C_in/g, kh, kw)``).
-
-    ``'grouped'`` folds the batch into the groups (one ``conv2d`` call); ``'bmm'`` runs a pointwise layer
-    (1x1, groups 1, no padding) as one batched matmul and is ``'grouped'`` otherwise; ``'loop'`` is the
-    per-sample reference.
-    """
-    batch, c_in, h, w = x.shape
-    c_out = weight.shape[1]
-    if strategy == 'bmm' and _is_pointwise(weight.shape[-2], weight.shape[-1], padding, groups):
-        if stride[0] != 1 or stride[1] != 1:
-            x = x[:, :, ::stride[0], ::stride[1]]
-        out_h, out_w = x.shape[-2], x.shape[-1]
-        cols = x.reshape(batch, c_in, out_h * out_w)
-        kernels = weight.reshape(weight.shape[0], c_out, c_in).expand(batch, c_out, c_in)
-        if bias is None:
-            y = torch.bmm(kernels, cols)
-        else:
-            y = torch.baddbmm(bias.reshape(batch, c_out, 1), kernels, cols)
-        return y.reshape(batch, c_out, out_h, out_w)
-    if strategy == 'loop':
-        outs: List[torch.Tensor] = []
-        for n in range(batch):
-            b_n: Optional[torch.Tensor] = None
-            if bias is not None:
-                b_n = bias[n]
-            outs.append(F.conv2d(x[n:n + 1], weight[n], b_n, stride, padding, dilation, groups))
-        return torch.cat(outs, 0)
-    flat_bias: Optional[torch.Tensor] = None
-    if bias is not None:
-        flat_bias = bias.reshape(-1)
-    y = F.conv2d(
-        x.reshape(1, batch * c_in, h, w),
-        weight.reshape((batch * c_out,) + weight.shape[2:]),
-        flat_bias, stride, padding, dilation, groups * batch,
-    )
-    return y.reshape(batch, c_out, y.shape[-2], y.shape[-1])
-
-
-def _is_pointwise(kh: int, kw: int, padding: Tuple[int, int], groups: int) -> bool:
-    return kh == 1 and kw == 1 and padding[0] == 0 and padding[1] == 0 and groups == 1
-
-
 def tile_plan(
         batch: int,
         out_channels: int,
@@ -198,7 +167,7 @@ def tile_plan(
     return rows, samples
 
 
-def _tiled_dynamic_conv2d(
+def tiled_dynamic_conv2d(
         x: torch.Tensor,
         weight: torch.Tensor,
         kernel_attn: Optional[torch.Tensor],
@@ -219,7 +188,7 @@ def _tiled_dynamic_conv2d(
     num_k, c_out, c_in_g, kh, kw = weight.shape
     rows, samples = tile_plan(batch, c_out, groups, c_in_g * kh * kw, x.element_size(), budget, min_samples)
     out_per_group = c_out // groups
-    pointwise = _is_pointwise(kh, kw, padding, groups)
+    pointwise = is_pointwise(kh, kw, padding, groups)
     inner = 'bmm' if pointwise else 'grouped'
     row_tiles: List[torch.Tensor] = []
     for r0 in range(0, c_out, rows):
@@ -276,14 +245,6 @@ def tile_config(training: bool, threads: Optional[int] = None) -> Tuple[int, int
     return int(THREAD_TILE_BYTES) * n, int(THREAD_TILE_SAMPLES) * n
 
 
-def _is_exporting() -> bool:
-    """True while ``torch.jit.trace``, ``torch.onnx.export`` or ``torch.export`` records a graph."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return True
-    is_exporting = getattr(torch.compiler, 'is_exporting', None)
-    return bool(is_exporting()) if is_exporting is not None else False
-
-
 def select_strategy(
         batch: int,
         in_channels: int,
@@ -325,8 +286,25 @@ def select_strategy(
     return 'tiled'
 
 
-def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+def expert_responses(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        stride: Tuple[int, int],
+        padding: Tuple[int, int],
+        dilation: Tuple[int, int],
+        groups: int,
+) -> torch.Tensor:
+    """The ``K`` expert maps ``conv(x, W_k)`` as one conv with ``K*C_out`` outputs -> ``(B, K, C_out, H', W')``.
+
+    With groups the bank is reordered group-major, so conv group ``j`` holds the ``K`` experts' filters of group
+    ``j``'s output channels and sees that group's inputs only."""
+    num_k, c_out, c_in_g, kh, kw = weight.shape
+    dense_w = weight.reshape(num_k, groups, c_out // groups, c_in_g, kh, kw).transpose(0, 1)
+    y = F.conv2d(x, dense_w.reshape(num_k * c_out, c_in_g, kh, kw).to(x.dtype), None, stride, padding, dilation,
+                 groups)
+    out_h, out_w = y.shape[-2], y.shape[-1]
+    y = y.reshape(x.shape[0], groups, num_k, c_out // groups, out_h, out_w).transpose(1, 2)
+    return y.reshape(x.shape[0], num_k, c_out, out_h, out_w)
 
 
 def dynamic_conv2d(
@@ -354,53 +332,46 @@ def dynamic_conv2d(
     _check_attn(out_scale, 'out_scale', batch, c_out)
     _check_attn(spatial_attn, 'spatial_attn', batch, kh * kw)
     if strategy == 'auto':
-        strategy = select_strategy(
-            batch, c_in, c_out, (kh, kw), groups, num_k,
-            (_out_size(h, kh, stride[0], padding[0], dilation[0]), _out_size(w, kw, stride[1], padding[1], dilation[1])),
-            spatial_attn is not None, torch.is_grad_enabled() and weight.requires_grad,
-        )
-        if not torch.jit.is_scripting():
-            if strategy == 'tiled' and _is_exporting():  # tiling loops would bake the batch size into the graph
-                strategy = 'grouped'
+        out_hw = (conv_output_size(h, kh, stride[0], padding[0], dilation[0]),
+                  conv_output_size(w, kw, stride[1], padding[1], dilation[1]))
+        strategy = select_strategy(batch, c_in, c_out, (kh, kw), groups, num_k, out_hw, spatial_attn is not None,
+                                   torch.is_grad_enabled() and weight.requires_grad)
+    if not torch.jit.is_scripting():
+        if strategy == 'tiled' and is_exporting():  # tiling loops would bake the batch size into the graph
+            strategy = 'gemm'
+    if strategy not in ('grouped', 'tiled', 'dense', 'bmm', 'gemm', 'loop'):
+        raise ValueError(
+            "Unknown execution strategy '" + strategy + "'; expected auto, grouped, tiled, dense, bmm, gemm or loop.")
     if in_scale is not None:
         x = x * in_scale.to(x.dtype).reshape(batch, c_in, 1, 1)
+    agg_bias = _aggregate_bias(bias, kernel_attn, static_bias, batch)
 
     if strategy == 'dense' and spatial_attn is None:
-        # group-major expert order: conv group j must hold the K experts' filters of group j's output channels
-        dense_w = weight.reshape(num_k, groups, c_out // groups, c_in_g, kh, kw).transpose(0, 1)
-        y = F.conv2d(x, dense_w.reshape(num_k * c_out, c_in_g, kh, kw), None, stride, padding, dilation, groups)
+        y = expert_responses(x, weight, stride, padding, dilation, groups)
         out_h, out_w = y.shape[-2], y.shape[-1]
-        y = y.reshape(batch, groups, num_k, c_out // groups, out_h, out_w).transpose(1, 2)
-        y = y.reshape(batch, num_k, c_out, out_h, out_w)
         if kernel_attn is None:
             y = y.sum(1)
         else:  # (B, 1, K) @ (B, K, C_out*H'*W'): one batched GEMV mixes the experts' outputs
             y = torch.bmm(kernel_attn.to(y.dtype).unsqueeze(1), y.reshape(batch, num_k, c_out * out_h * out_w))
             y = y.reshape(batch, c_out, out_h, out_w)
         if static_weight is not None:
-            y = y + F.conv2d(x, static_weight, None, stride, padding, dilation, groups)
-        agg_bias = _aggregate_bias(bias, kernel_attn, static_bias, batch)
+            y = y + F.conv2d(x, static_weight.to(x.dtype), None, stride, padding, dilation, groups)
         if agg_bias is not None:
             y = y + agg_bias.to(y.dtype).reshape(batch, c_out, 1, 1)
     elif strategy == 'tiled':
-        agg_bias = _aggregate_bias(bias, kernel_attn, static_bias, batch)
         training = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
         budget = 8 * 1024 * 1024 if training else 2 * 1024 * 1024
         min_samples = 1
         if not torch.jit.is_scripting():
             budget, min_samples = tile_config(training)
-        y = _tiled_dynamic_conv2d(x, weight, kernel_attn, spatial_attn, static_weight, agg_bias, stride, padding,
-                                  dilation, groups, budget, min_samples)
+        y = tiled_dynamic_conv2d(x, weight, kernel_attn, spatial_attn, static_weight, agg_bias, stride, padding,
+                                 dilation, groups, budget, min_samples)
     else:
-        if strategy not in ('grouped', 'loop', 'dense', 'bmm'):
-            raise ValueError(
-                "Unknown execution strategy '" + strategy + "'; expected auto, grouped, tiled, dense, bmm or loop.")
         if strategy == 'dense':  # spatial attention mixes kernel taps: only the aggregated forms apply
             strategy = 'grouped'
         agg_w = aggregate_kernels(weight, kernel_attn, spatial_attn, static_weight)
         if agg_w.shape[0] != batch:
             agg_w = agg_w.expand(batch, -1, -1, -1, -1)
-        agg_bias = _aggregate_bias(bias, kernel_attn, static_bias, batch)
         y = per_sample_conv2d(x, agg_w.to(x.dtype), None if agg_bias is None else agg_bias.to(x.dtype),
                               stride, padding, dilation, groups, strategy)
     if out_scale is not None:
@@ -427,15 +398,32 @@ def _aggregate_bias(
     return out
 
 
+class DynamicAttention(NamedTuple):
+    """What a dynamic conv's heads return per sample (each ``None`` when the layer has no such head)."""
+    kernel: Optional[torch.Tensor]     # (B, K) mixing weights of the bank
+    in_scale: Optional[torch.Tensor]   # (B, C_in) input-channel attention
+    out_scale: Optional[torch.Tensor]  # (B, C_out) output-channel (filter) attention
+    spatial: Optional[torch.Tensor]    # (B, kh*kw) kernel-tap attention
+
+
 class DynamicConv2dBase(nn.Module):
     """A kernel bank with ``nn.Conv2d`` geometry; subclasses add attention heads via :meth:`forward_attention`.
 
-    Parameters: ``weight`` ``(K, C_out, C_in/groups, kh, kw)`` and, with ``bias=True``, ``bias`` ``(K, C_out)``.
-    ``strategy`` selects the execution strategy (see the module docstring); ``'auto'`` dispatches per call.
+    Parameters: ``weight`` ``(K, C_out, C_in/groups, kh, kw)``; with ``bias=True``, ``bias`` ``(K, C_out)``; with
+    ``static_kernel=True``, an input-agnostic kernel ``static_weight`` ``(C_out, C_in/groups, kh, kw)`` added to the
+    mixture. ``post_bias=True`` registers the zero buffer ``post_bias`` ``(C_out,)`` that a folded following
+    BatchNorm's shift goes into (the inference form, see :meth:`fuse_bn`). ``strategy`` selects the execution
+    strategy (see the module docstring); ``'auto'`` dispatches per call. Keyword arguments only (subclasses keep
+    ``nn.Conv2d``'s positional geometry for their users).
+
+    ``forward(x, cond=None)``: ``cond`` is one optional conditioning tensor that the family reads in
+    :meth:`forward_attention` and :meth:`transform_bank` (DMF's token, SGDM's static guide, A2D2C's sampled
+    positions); a single optional argument rather than ``*cond``, which TorchScript cannot compile.
     """
 
     def __init__(
             self,
+            *,
             in_channels: int,
             out_channels: int,
             kernel_size,
@@ -445,6 +433,8 @@ class DynamicConv2dBase(nn.Module):
             groups: int = 1,
             bias: bool = False,
             num_kernels: int = 4,
+            static_kernel: bool = False,
+            post_bias: bool = False,
             strategy: str = 'auto',
             padding_mode: str = 'zeros',
             device=None,
@@ -470,17 +460,20 @@ class DynamicConv2dBase(nn.Module):
         self.groups = groups
         self.num_kernels = num_kernels
         self.strategy = strategy
-        self.weight = nn.Parameter(torch.empty(
-            (num_kernels, out_channels, in_channels // groups) + self.kernel_size, **dd))
+        self.padding_mode = padding_mode
+        kernel_shape = (out_channels, in_channels // groups) + self.kernel_size
+        self.weight = nn.Parameter(torch.empty((num_kernels,) + kernel_shape, **dd))
         self.bias = nn.Parameter(torch.empty(num_kernels, out_channels, **dd)) if bias else None
-        # shift of a BatchNorm folded into this layer (see fuse_bn); None until then
-        self.register_buffer('post_bias', None)
+        self.static_weight = nn.Parameter(torch.empty(kernel_shape, **dd)) if static_kernel else None
+        self.register_buffer('post_bias', torch.zeros(out_channels, **dd) if post_bias else None)
         self.reset_bank_parameters()
 
     def reset_bank_parameters(self) -> None:
-        """ODConv/FMDConv init: each kernel ``kaiming_normal_(fan_out, relu)``, biases zero."""
+        """ODConv/FMDConv init: each kernel (and the static kernel) ``kaiming_normal_(fan_out, relu)``, biases zero."""
         for k in range(self.num_kernels):
             nn.init.kaiming_normal_(self.weight.data[k], mode='fan_out', nonlinearity='relu')
+        if self.static_weight is not None:
+            nn.init.kaiming_normal_(self.static_weight, mode='fan_out', nonlinearity='relu')
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -503,48 +496,35 @@ class DynamicConv2dBase(nn.Module):
                 f'{name} expects {self.in_channels} input channels, got {x.shape[1]} '
                 f'(input shape {tuple(x.shape)})')
 
-    def forward_attention(self, x: torch.Tensor) -> Tuple[
-            Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Return ``(kernel_attn (B,K), in_scale (B,C_in), out_scale (B,C_out), spatial_attn (B,kh*kw))``."""
+    def forward_attention(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> DynamicAttention:
+        """The heads' outputs for input ``x`` (and the optional conditioning tensor ``cond``)."""
         raise NotImplementedError
 
-    def effective_strategy(self) -> str:
-        if self.strategy != 'auto':
-            return self.strategy
-        if torch.jit.is_scripting():  # the module-level override is Python state: scripted layers dispatch
-            return 'auto'
-        else:
-            return get_default_strategy()
+    def transform_bank(self, weight: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The kernel bank the mixture uses (identity here; SGDM multiplies its static guide into it)."""
+        return weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def effective_strategy(self) -> str:
+        return resolve_strategy(self.strategy)
+
+    def forward(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.check_input(x)
-        kernel_attn, in_scale, out_scale, spatial_attn = self.forward_attention(x)
+        attn = self.forward_attention(x, cond)
         return dynamic_conv2d(
-            x, self.weight, self.bias, kernel_attn, in_scale, out_scale, spatial_attn,
-            self.stride, self.padding, self.dilation, self.groups, self.effective_strategy(),
-            post_bias=self.post_bias,
+            x, self.transform_bank(self.weight, cond), self.bias, attn.kernel, attn.in_scale, attn.out_scale,
+            attn.spatial, self.stride, self.padding, self.dilation, self.groups, self.effective_strategy(),
+            static_weight=self.static_weight, post_bias=self.post_bias,
         )
 
     @torch.no_grad()
-    def fuse_bn(self, bn: nn.BatchNorm2d) -> None:
-        """Fold a following eval-mode ``BatchNorm2d`` into the bank (exact: BN is a per-channel affine map).
+    def fuse_bn(self, bn: nn.Module) -> None:
+        """Fold a following BatchNorm (``BN(y) = s y + t`` from its running statistics, any mode) into the layer.
 
-        ``BN(o * (conv + b)) = o * (conv(x, s W) + s b) + (beta - s mu)`` with ``s = gamma / sqrt(var + eps)``:
-        every kernel and kernel bias is scaled by ``s`` and the shift becomes ``post_bias``.
+        ``s * (out_scale * conv(x, sum_k a_k W_k + W_static, ...)) = out_scale * conv(x, sum_k a_k (s W_k) + s W_static,
+        ...)``: every kernel, kernel bias and the static kernel scale by ``s``, and the shift becomes ``post_bias``
+        (created here if the layer has none).
         """
-        if bn.num_features != self.out_channels:
-            raise ValueError(f'BatchNorm has {bn.num_features} features, layer has {self.out_channels} outputs')
-        std = (bn.running_var + bn.eps).sqrt()
-        scale = bn.weight / std if bn.affine else 1.0 / std
-        shift = -bn.running_mean * scale
-        if bn.affine:
-            shift = shift + bn.bias
-        self.weight.mul_(scale.reshape(1, -1, 1, 1, 1))
-        if self.bias is not None:
-            self.bias.mul_(scale.reshape(1, -1))
-        if self.post_bias is not None:
-            shift = shift + self.post_bias * scale
-        self.post_bias = shift.detach().clone()
+        self.post_bias = fold_bn_into_bank_(bn, self.weight, self.bias, self.static_weight, None, self.post_bias)
 
     def extra_repr(self) -> str:
         s = (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, '
@@ -557,80 +537,8 @@ class DynamicConv2dBase(nn.Module):
             s += f', groups={self.groups}'
         if self.bias is None:
             s += ', bias=False'
+        if self.static_weight is not None:
+            s += ', static_kernel=True'
         if self.strategy != 'auto':
             s += f', strategy={self.strategy!r}'
         return s
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Per-sample DEPTHWISE dynamic convolution (ATConv, dynzoo/layers/atconv.py). Appended by the AttNet engineer.
-# ---------------------------------------------------------------------------------------------------------------------
-
-DEPTHWISE_STRATEGIES = ('auto', 'grouped', 'shift', 'unfold', 'loop')
-
-
-def select_depthwise_strategy(batch: int, channels: int, hw: Tuple[int, int], training: bool) -> str:
-    """Fastest exact strategy for :func:`per_sample_depthwise_conv2d`: ``'grouped'`` at every shape measured.
-
-    ``scripts/bench_atconv.py`` (2-core shared CPU, 1 thread, torch 2.14, fp32, median of 11, interleaved), time
-    relative to ``grouped`` on the AttNet-T1 stage shapes (C, HxW) = (48, 56^2), (96, 28^2), (224, 14^2), (384, 7^2):
-
-    ==========  ===================  ===================  ===================
-    op alone    shift                unfold               loop
-    ==========  ===================  ===================  ===================
-    eval  B=1   2.64-2.86x           2.65-26.3x           1.21-2.19x
-    eval  B=32  4.71-14.1x           9.10-23.5x           1.37-5.49x
-    train B=1   3.16-14.2x           1.91-16.8x           1.49-1.92x
-    train B=32  6.17-7.98x           4.38-9.47x           2.43-4.33x
-    ==========  ===================  ===================  ===================
-
-    Inside a whole ATConv layer (1x1 convs and pooling included) the gap shrinks to 1.05-3.66x (shift),
-    1.06-4.00x (unfold), 1.03-1.74x (loop; two train B=1 rows read 0.69x / 0.85x, noise of the shared machine:
-    at B=1 ``loop`` runs the very same single conv). No shape favoured another strategy, so there is no crossover
-    to dispatch on; the arguments are kept so a faster kernel (e.g. a GPU one) can be dispatched here by shape.
-    """
-    return 'grouped'
-
-
-def per_sample_depthwise_conv2d(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        padding: Tuple[int, int],
-        strategy: str = 'auto',
-) -> torch.Tensor:
-    """Stride-1 depthwise conv of each ``x[b, c]`` with its own kernel ``weight[b, c]`` (``(B, C, kh, kw)``).
-
-    ``y[b,c,h,w] = sum_{u,v} weight[b,c,u,v] * x[b,c,h+u-p_h,w+v-p_w]`` (cross-correlation, zero padding). Strategies,
-    all exact: ``'grouped'`` folds batch and channels into the groups of one ``conv2d`` (the ``(B, C, 1, kh, kw)``
-    kernels through :func:`per_sample_conv2d`); ``'shift'`` sums ``kh*kw`` shifted, scaled views of the padded
-    input (no dynamic ``groups``: ONNX / channels_last friendly); ``'unfold'`` gathers the taps with ``F.unfold``
-    and contracts them with the kernel; ``'loop'`` is one depthwise ``conv2d`` per sample (the reference);
-    ``'auto'`` dispatches with :func:`select_depthwise_strategy`.
-    """
-    if x.dim() != 4 or weight.dim() != 4 or weight.shape[0] != x.shape[0] or weight.shape[1] != x.shape[1]:
-        raise ValueError(f'per_sample_depthwise_conv2d expects x (B, C, H, W) and weight (B, C, kh, kw), got '
-                         f'{x.shape} and {weight.shape}')
-    batch, channels, h, w = x.shape
-    kh, kw = weight.shape[2], weight.shape[3]
-    out_h = h + 2 * padding[0] - kh + 1
-    out_w = w + 2 * padding[1] - kw + 1
-    if strategy == 'auto':
-        strategy = select_depthwise_strategy(batch, channels, (h, w), torch.is_grad_enabled())
-    weight = weight.to(x.dtype)
-    if strategy == 'grouped' or strategy == 'loop':
-        return per_sample_conv2d(
-            x, weight.unsqueeze(2), None, (1, 1), padding, (1, 1), channels, strategy)
-    if strategy == 'shift':
-        xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-        y = xp[:, :, 0:out_h, 0:out_w] * weight[:, :, 0:1, 0:1]
-        for t in range(1, kh * kw):
-            u = t // kw
-            v = t % kw
-            y = y + xp[:, :, u:u + out_h, v:v + out_w] * weight[:, :, u:u + 1, v:v + 1]
-        return y
-    if strategy == 'unfold':
-        cols = F.unfold(x, (kh, kw), padding=padding).view(batch, channels, kh * kw, out_h * out_w)
-        y = torch.matmul(weight.reshape(batch, channels, 1, kh * kw), cols)
-        return y.view(batch, channels, out_h, out_w)
-    raise ValueError(f"Unknown depthwise strategy '{strategy}'; expected one of "
-                     "'auto', 'grouped', 'shift', 'unfold', 'loop'")

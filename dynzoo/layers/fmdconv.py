@@ -6,19 +6,18 @@ separate DynamicConv-style temperature softmax kernel attention (``attention2``,
 kernel heads are removed (§3.3.1). Key names are the authors' (``attention.{fc,bn,channel_fc,filter_fc}``,
 ``attention2.{fc1,fc2}``), so their checkpoints load after stripping the DDP ``module.`` prefix.
 
-Temperatures (spec addendum): ``kernel_temperature`` divides the kernel softmax (paper: annealed 40 -> 1 by 3 per
-epoch; the authors' code keeps it at 34 for ever), ``gate_temperature`` divides the sigmoid logits (paper: none,
-i.e. 1; the authors' code anneals it 30 -> 1). Both are buffers, saved with the weights.
+Temperatures: ``kernel_temperature`` divides the kernel softmax (paper §3.3.2: annealed 40 -> 1 by 3 per epoch;
+the authors' code keeps it at 34 for ever), ``gate_temperature`` divides the sigmoid logits (paper: none, i.e. 1;
+the authors' code anneals it 30 -> 1). Both are buffers, saved with the weights.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.layers import register_notrace_module
 
-from .dynamic import DynamicConv2dBase
+from .dynamic import DynamicAttention, DynamicConv2dBase
 from .heads import KernelAttention, ODConvAttention
 
 __all__ = ['FMDConv2d']
@@ -32,6 +31,7 @@ class FMDConv2d(DynamicConv2dBase):
     (``A = max(int(C_in*reduction), min_channels)``), ``kernel_ratio`` of the kernel branch
     (``H = int(C_in*kernel_ratio) + 1``), the two temperatures, and the ablation toggles of Fig. 4.
     ``bias=True`` (a per-kernel bias ``(K, C_out)``) is required to reproduce the paper's Table 9 counts.
+    ``inference_mode`` builds the channel/filter trunk with its BatchNorm folded; ``post_bias`` see the base.
     """
 
     def __init__(
@@ -54,18 +54,23 @@ class FMDConv2d(DynamicConv2dBase):
             use_output_attn: bool = True,
             use_kernel_attn: bool = True,
             strategy: str = 'auto',
+            padding_mode: str = 'zeros',
+            inference_mode: bool = False,
+            post_bias: bool = False,
             device=None,
             dtype=None,
     ):
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_kernels,
-            strategy, device=device, dtype=dtype)
+            in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+            padding=padding, dilation=dilation, groups=groups, bias=bias, num_kernels=num_kernels,
+            post_bias=post_bias, strategy=strategy, padding_mode=padding_mode, device=device, dtype=dtype)
         dd = {'device': device, 'dtype': dtype}
         if use_input_attn or use_output_attn:
             self.attention = ODConvAttention(
-                in_channels, out_channels, self.kernel_size, groups, num_kernels, reduction, min_channels,
-                gate_temperature, channel_head=use_input_attn, filter_head=use_output_attn,
-                spatial_head=False, kernel_head=False, **dd)
+                in_channels, out_channels, self.kernel_size, groups=groups, num_kernels=num_kernels,
+                reduction=reduction, min_channels=min_channels, temperature=gate_temperature,
+                channel_head=use_input_attn, filter_head=use_output_attn, spatial_head=False, kernel_head=False,
+                inference_mode=inference_mode, **dd)
         else:
             self.attention = None
         self.attention2 = KernelAttention(in_channels, num_kernels, kernel_ratio, kernel_temperature, **dd) \
@@ -73,14 +78,14 @@ class FMDConv2d(DynamicConv2dBase):
         if self.attention2 is None and num_kernels != 1:
             raise ValueError('use_kernel_attn=False requires num_kernels=1 (nothing would mix the kernels)')
 
-    def forward_attention(self, x: torch.Tensor) -> Tuple[
-            Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def forward_attention(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> DynamicAttention:
         pooled = F.adaptive_avg_pool2d(x, 1)
         kernel_attn: Optional[torch.Tensor] = None
         in_scale: Optional[torch.Tensor] = None
         out_scale: Optional[torch.Tensor] = None
         if self.attention is not None:
-            _, in_scale, out_scale, _ = self.attention(pooled)
+            odconv = self.attention(pooled)
+            in_scale, out_scale = odconv.in_scale, odconv.out_scale
         if self.attention2 is not None:
             kernel_attn = self.attention2(pooled)
-        return kernel_attn, in_scale, out_scale, None
+        return DynamicAttention(kernel_attn, in_scale, out_scale, None)

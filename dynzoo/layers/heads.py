@@ -8,10 +8,11 @@
   ``GAP -> 1x1 conv -> ReLU -> 1x1 conv -> softmax(z / T)`` (FMDConv's "Attention2", keys ``fc1``, ``fc2``).
 * :class:`RoutingAttention` -- CondConv's (Yang et al. 2019) routing ``sigmoid(FC(GAP(x)))``.
 
-Temperatures are persistent 0-d buffers, so a checkpoint carries the temperature it runs at
-(an authors' FMDConv checkpoint converts with its kernel softmax at T = 34, as their code runs it).
-``role`` tells the schedule helpers which temperature a module holds: ``'kernel'`` (softmax over the kernel
-bank) or ``'gate'`` (sigmoid heads).
+Temperatures are :class:`~dynzoo.layers.temperature.TemperatureMixin` buffers (an authors' FMDConv checkpoint
+converts with its kernel softmax at T = 34, as their code runs it).
+
+``inference_mode=True`` builds :class:`ODConvAttention` with its trunk BatchNorm folded into ``fc`` (which then has
+a bias), the form :meth:`ODConvAttention.reparameterize` leaves.
 """
 from typing import Optional, Tuple
 
@@ -19,65 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = [
-    'TemperatureMixin', 'ODConvAttention', 'KernelAttention', 'RoutingAttention', 'set_temperature',
-    'get_temperatures', 'fmdconv_temperature', 'linear_temperature',
-]
+from .dynamic import DynamicAttention
+from .fusion import fuse_conv_bn, is_batchnorm
+from .temperature import TemperatureMixin
 
-
-class TemperatureMixin:
-    """A module with a ``temperature`` buffer and a ``temperature_role`` (``'kernel'`` or ``'gate'``)."""
-    temperature_role: str = 'kernel'
-
-    def _init_temperature(self, temperature: float, role: str, device=None) -> None:
-        if temperature <= 0:
-            raise ValueError(f'temperature must be > 0, got {temperature}')
-        self.temperature_role = role
-        self.register_buffer('temperature', torch.tensor(float(temperature), device=device))
-
-    @torch.no_grad()
-    def set_temperature(self, temperature: float) -> None:
-        if temperature <= 0:
-            raise ValueError(f'temperature must be > 0, got {temperature}')
-        self.temperature.fill_(float(temperature))
-
-
-def set_temperature(model: nn.Module, temperature: float, role: Optional[str] = 'kernel') -> int:
-    """Set the temperature of every attention head of ``model`` whose role matches (``None``: all roles).
-
-    Returns the number of heads updated; raises if the model has none (so a schedule never silently no-ops).
-    """
-    count = 0
-    for m in model.modules():
-        if isinstance(m, TemperatureMixin) and (role is None or m.temperature_role == role):
-            m.set_temperature(temperature)
-            count += 1
-    if count == 0:
-        raise ValueError(f'{type(model).__name__} has no attention head with a {role or "any"!s} temperature')
-    return count
-
-
-def get_temperatures(model: nn.Module) -> dict:
-    """``{module name: (role, temperature)}`` for every temperature-bearing head."""
-    return {
-        name: (m.temperature_role, float(m.temperature))
-        for name, m in model.named_modules() if isinstance(m, TemperatureMixin)
-    }
-
-
-def fmdconv_temperature(epoch: int, t0: float = 40.0, step: float = 3.0) -> float:
-    """FMDConv's schedule (§3.3.2): ``max(1, t0 - step * epoch)`` for 0-based ``epoch``, stepped per epoch."""
-    return max(1.0, t0 - step * epoch)
-
-
-def linear_temperature(progress: float, t0: float = 30.0, t1: float = 1.0) -> float:
-    """DynamicConv/ODConv/A2D2C/DMF schedule: linear from ``t0`` to ``t1`` as ``progress`` goes 0 -> 1.
-
-    ``progress`` is the fraction of the annealing period done (e.g. iteration / iterations of the first 10
-    epochs), clamped to [0, 1].
-    """
-    p = min(max(float(progress), 0.0), 1.0)
-    return t0 + (t1 - t0) * p
+__all__ = ['ODConvAttention', 'KernelAttention', 'RoutingAttention', 'softmax_fp32']
 
 
 def softmax_fp32(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -100,6 +47,7 @@ class ODConvAttention(nn.Module, TemperatureMixin):
     spatial head not for 1x1 kernels (ODConv rules); an absent head returns ``None``. Heads:
     channel ``A -> C_in`` sigmoid, filter ``A -> C_out`` sigmoid, spatial ``A -> kh*kw`` sigmoid,
     kernel ``A -> K`` softmax (only when ``K > 1``), each logit divided by the temperature.
+    ``inference_mode=True``: ``fc`` with a bias and no ``bn`` (what :meth:`reparameterize` leaves).
     """
 
     def __init__(
@@ -116,6 +64,7 @@ class ODConvAttention(nn.Module, TemperatureMixin):
             filter_head: bool = True,
             spatial_head: bool = True,
             kernel_head: bool = True,
+            inference_mode: bool = False,
             device=None,
             dtype=None,
     ):
@@ -123,8 +72,8 @@ class ODConvAttention(nn.Module, TemperatureMixin):
         dd = {'device': device, 'dtype': dtype}
         attn_channels = max(int(in_channels * reduction), min_channels)
         self._init_temperature(temperature, 'gate' if not kernel_head else 'kernel', device=device)
-        self.fc = nn.Conv2d(in_channels, attn_channels, 1, bias=False, **dd)
-        self.bn = nn.BatchNorm2d(attn_channels, **dd)
+        self.fc = nn.Conv2d(in_channels, attn_channels, 1, bias=inference_mode, **dd)
+        self.bn = nn.Identity() if inference_mode else nn.BatchNorm2d(attn_channels, **dd)
         self.channel_fc = nn.Conv2d(attn_channels, in_channels, 1, bias=True, **dd) if channel_head else None
         depthwise = in_channels == groups == out_channels
         self.filter_fc = nn.Conv2d(attn_channels, out_channels, 1, bias=True, **dd) \
@@ -138,9 +87,9 @@ class ODConvAttention(nn.Module, TemperatureMixin):
             if isinstance(m, nn.Conv2d):
                 _kaiming_conv_init(m)
 
-    def forward(self, pooled: torch.Tensor) -> Tuple[
-            Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """``pooled``: ``(B, C_in, 1, 1)``. Returns ``(kernel, channel, filter, spatial)`` attentions, 2-D."""
+    def forward(self, pooled: torch.Tensor) -> DynamicAttention:
+        """``pooled``: ``(B, C_in, 1, 1)``. Returns the kernel, channel (input), filter (output) and spatial
+        attentions, 2-D."""
         a = F.relu(self.bn(self.fc(pooled)))
         t = self.temperature
         kernel: Optional[torch.Tensor] = None
@@ -155,7 +104,14 @@ class ODConvAttention(nn.Module, TemperatureMixin):
             filt = torch.sigmoid(self.filter_fc(a).flatten(1) / t)
         if self.spatial_fc is not None:
             spatial = torch.sigmoid(self.spatial_fc(a).flatten(1) / t)
-        return kernel, channel, filt, spatial
+        return DynamicAttention(kernel, channel, filt, spatial)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the trunk's BatchNorm into ``fc`` (exact, from the running statistics, any mode)."""
+        if is_batchnorm(self.bn):
+            self.fc = fuse_conv_bn(self.fc, self.bn)
+            self.bn = nn.Identity()
 
 
 class KernelAttention(nn.Module, TemperatureMixin):

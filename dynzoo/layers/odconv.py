@@ -10,20 +10,25 @@
 * :class:`DynamicConv2d` -- dynamic convolution (Chen et al., CVPR 2020, Eq. 1-3): ``K`` kernels and biases mixed
   by ``pi = softmax(z / T)`` from ``GAP -> FC (C_in/4) -> ReLU -> FC (K)``. The hidden width
   ``int(C_in/4) + 1`` is the common open re-implementation's rule (the authors published no code).
-* :class:`CondConv2d` -- conditionally parameterised convolution (Yang et al., NeurIPS 2019, Eq. 1-2):
-  ``K`` experts mixed by independent sigmoid gates ``r(x) = sigmoid(FC(GAP x))``; no temperature.
+* :class:`RoutedCondConv2d` -- conditionally parameterised convolution (Yang et al., NeurIPS 2019, Eq. 1-2):
+  ``K`` experts mixed by independent sigmoid gates ``r(x) = sigmoid(FC(GAP x))``; no temperature. Named apart
+  from ``timm.layers.CondConv2d`` (timm's EfficientNet CondConv, another signature).
+
+Every layer takes ``inference_mode`` (ODConv: the attention trunk's BatchNorm folded, see
+:meth:`~dynzoo.layers.heads.ODConvAttention.reparameterize`; the others have no fold of their own) and ``post_bias``
+(see :class:`~dynzoo.layers.dynamic.DynamicConv2dBase`).
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from timm.layers import register_notrace_module
 
-from .dynamic import DynamicConv2dBase
+from .dynamic import DynamicAttention, DynamicConv2dBase
 from .heads import KernelAttention, ODConvAttention, RoutingAttention
 
-__all__ = ['ODConv2d', 'DynamicConv2d', 'CondConv2d']
+__all__ = ['ODConv2d', 'DynamicConv2d', 'RoutedCondConv2d']
 
 
 @register_notrace_module
@@ -51,20 +56,22 @@ class ODConv2d(DynamicConv2dBase):
             temperature: float = 1.0,
             strategy: str = 'auto',
             padding_mode: str = 'zeros',
+            inference_mode: bool = False,
+            post_bias: bool = False,
             device=None,
             dtype=None,
     ):
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_kernels,
-            strategy, padding_mode, device=device, dtype=dtype)
+            in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+            padding=padding, dilation=dilation, groups=groups, bias=bias, num_kernels=num_kernels,
+            post_bias=post_bias, strategy=strategy, padding_mode=padding_mode, device=device, dtype=dtype)
         self.attention = ODConvAttention(
-            in_channels, out_channels, self.kernel_size, groups, num_kernels, reduction, min_channels,
-            temperature, device=device, dtype=dtype)
+            in_channels, out_channels, self.kernel_size, groups=groups, num_kernels=num_kernels,
+            reduction=reduction, min_channels=min_channels, temperature=temperature, inference_mode=inference_mode,
+            device=device, dtype=dtype)
 
-    def forward_attention(self, x: torch.Tensor) -> Tuple[
-            Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        kernel, channel, filt, spatial = self.attention(F.adaptive_avg_pool2d(x, 1))
-        return kernel, channel, filt, spatial
+    def forward_attention(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> DynamicAttention:
+        return self.attention(F.adaptive_avg_pool2d(x, 1))
 
 
 @register_notrace_module
@@ -91,21 +98,23 @@ class DynamicConv2d(DynamicConv2dBase):
             temperature: float = 1.0,
             strategy: str = 'auto',
             padding_mode: str = 'zeros',
+            inference_mode: bool = False,
+            post_bias: bool = False,
             device=None,
             dtype=None,
     ):
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_kernels,
-            strategy, padding_mode, device=device, dtype=dtype)
+            in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+            padding=padding, dilation=dilation, groups=groups, bias=bias, num_kernels=num_kernels,
+            post_bias=post_bias, strategy=strategy, padding_mode=padding_mode, device=device, dtype=dtype)
         self.attention = KernelAttention(in_channels, num_kernels, ratio, temperature, device=device, dtype=dtype)
 
-    def forward_attention(self, x: torch.Tensor) -> Tuple[
-            Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        return self.attention(F.adaptive_avg_pool2d(x, 1)), None, None, None
+    def forward_attention(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> DynamicAttention:
+        return DynamicAttention(self.attention(F.adaptive_avg_pool2d(x, 1)), None, None, None)
 
 
 @register_notrace_module
-class CondConv2d(DynamicConv2dBase):
+class RoutedCondConv2d(DynamicConv2dBase):
     """CondConv layer: ``K`` experts (paper: 8 for its larger models) mixed by independent sigmoid routing weights.
 
     ``bias=False`` by default (a BatchNorm follows every CondConv in the paper's networks); with ``bias=True`` the
@@ -125,14 +134,16 @@ class CondConv2d(DynamicConv2dBase):
             num_kernels: int = 8,
             strategy: str = 'auto',
             padding_mode: str = 'zeros',
+            inference_mode: bool = False,
+            post_bias: bool = False,
             device=None,
             dtype=None,
     ):
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_kernels,
-            strategy, padding_mode, device=device, dtype=dtype)
+            in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+            padding=padding, dilation=dilation, groups=groups, bias=bias, num_kernels=num_kernels,
+            post_bias=post_bias, strategy=strategy, padding_mode=padding_mode, device=device, dtype=dtype)
         self.routing = RoutingAttention(in_channels, num_kernels, device=device, dtype=dtype)
 
-    def forward_attention(self, x: torch.Tensor) -> Tuple[
-            Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        return self.routing(F.adaptive_avg_pool2d(x, 1)), None, None, None
+    def forward_attention(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> DynamicAttention:
+        return DynamicAttention(self.routing(F.adaptive_avg_pool2d(x, 1)), None, None, None)

@@ -1,8 +1,7 @@
 """SGDM and RDConv: the Static-Guided Dynamic Module with Razor Dynamic Convolution.
 
 Paper: W. Xing, Z. Cui, J. Qi, "SGDM: Static-Guided Dynamic Module Make Stronger Visual Models". No code was
-published; every choice the paper leaves open is named below and in each docstring as ``[PROPOSED]`` (the
-numbering ``S1..S15`` is the one of the dynzoo spec, ``specs/sgdm.md`` §9).
+published; every choice the paper leaves open is named below and in each docstring as "dynzoo's choice".
 
 Building blocks, from small to large:
 
@@ -17,29 +16,31 @@ Building blocks, from small to large:
 * :class:`SGDM` -- the module: a 4-way channel split ``[r, r, r, 1 - 3r]`` into RDConv, the two static strips and
   an identity, concatenated (Eq. 8-9), with the strips' kernels guiding RDConv's experts (Eq. 10).
 
-Decisions where the paper is silent (spec §9):
+dynzoo's choices where the paper is silent:
 
-* S1 -- the paper calls two different strip lengths ``k_s``: the static strips (9, so they reshape to 3x3) are
-  ``static_kernel``; the spatial-branch strips (15, Table 7) are ``spatial_kernel``.
-* S2 -- the razor is a channel slice (first ``c_i`` channels); the dynamic conv maps ``c_i -> c_i``; the other
-  channels are copied (no GhostNet-style cheap conv: Eq. 7 has none).
-* S3 -- Eq. 10 multiplies a ``c_i x c_i`` dynamic kernel with ``c x c`` static kernels: the guide is built from
-  the leading ``c_i x c_i`` sub-block of each static kernel (the paper's "directly mapped" remark, §4.4).
-* S4 -- Eq. 10's ``*`` is the Hadamard ("dot") product; ``psi`` is a row-major reshape of 9 taps into 3x3.
-* S5 -- kernel attention ``alpha = sigmoid(Linear(GAP(X_int)))`` (CondConv routing, Eq. 5's sigmoid; no softmax,
-  no temperature); a BN after the dynamic conv and after each static strip; no activation anywhere in SGDM; dense
-  static strips; depthwise spatial strips on ``X_int``; PyTorch-default (kaiming-uniform, a = sqrt 5) init.
-* S7 -- Eq. 9 writes ``Cat(X'_rd, X'_h, X'_h, X'_id)``: read as ``X'_w`` in the third slot.
-* The guide is recomputed from the live static weights at every training forward, without ``detach``: the
-  static strips get gradients from their own branch and through RDConv.
-* No residual around the module and no final norm/activation.
+* the paper calls two different strip lengths ``k_s``: the static strips (9, so they reshape to 3x3) are
+  ``static_kernel``; the spatial-branch strips (15, Table 7) are ``spatial_kernel``;
+* the razor is a channel slice (first ``c_i`` channels); the dynamic conv maps ``c_i -> c_i``; the other
+  channels are copied (no GhostNet-style cheap conv: Eq. 7 has none);
+* Eq. 10 multiplies a ``c_i x c_i`` dynamic kernel with ``c x c`` static kernels: the guide is built from the
+  leading ``c_i x c_i`` sub-block of each static kernel (the paper's "directly mapped" remark, §4.4);
+* Eq. 10's ``*`` is the Hadamard ("dot") product; ``psi`` is a row-major reshape of 9 taps into 3x3;
+* kernel attention ``alpha = sigmoid(Linear(GAP(X_int)))`` (CondConv routing, Eq. 5's sigmoid; no softmax, no
+  temperature); a BN after the dynamic conv and after each static strip; no activation anywhere in SGDM; dense
+  static strips; depthwise spatial strips on ``X_int``; PyTorch-default (kaiming-uniform, a = sqrt 5) init;
+* Eq. 9 writes ``Cat(X'_rd, X'_h, X'_h, X'_id)``: read as ``X'_w`` in the third slot;
+* the guide is recomputed from the live static weights at every training forward, without ``detach``: the
+  static strips get gradients from their own branch and through RDConv;
+* no residual around the module and no final norm/activation.
 
-Reparameterization (spec §2, MobileOne/RepVGG style, in place, so ``timm.utils.reparameterize_model`` works):
-the guide is computed from the *raw* static kernels and multiplied into the experts (``D~_k = D_k (.) S``), the
-dynamic conv's BN is folded into the experts (``DynamicConv2dBase.fuse_bn``), and each static strip's BN is folded
-into its strip kernel + bias. The ACNet "1xk + kx1 -> kxk" merge does not apply: the two strips act on disjoint
-channel groups and are concatenated, not summed onto a common kernel (merging them into one block-diagonal
-9x9 conv would multiply their FLOPs by ~9), so each strip keeps its own folded kernel.
+Reparameterization (timm's contract: each module folds only itself, ``timm.utils.reparameterize_model`` visits a
+parent before its children): :class:`SGDM` stores the guide computed from the *raw* strip kernels as its own buffer
+``guide`` (the guide multiplies the experts at run time, ``K * numel(S)`` products per call, batch-independent);
+then each :class:`StaticStripConv` folds its BN into its strip kernel + bias and :class:`RDConv2d` folds its BN into
+the dynamic conv (:meth:`~dynzoo.layers.dynamic.DynamicConv2dBase.fuse_bn`). The ACNet "1xk + kx1 -> kxk" merge
+does not apply: the two strips act on disjoint channel groups and are concatenated, not summed onto a common kernel
+(merging them into one block-diagonal 9x9 conv would multiply their FLOPs by ~9), so each strip keeps its own
+folded kernel.
 """
 import math
 from typing import List, Optional, Tuple
@@ -50,7 +51,8 @@ import torch.nn.functional as F
 
 from timm.layers import register_notrace_module, to_2tuple
 
-from .dynamic import DynamicConv2dBase, dynamic_conv2d
+from .dynamic import DynamicAttention, DynamicConv2dBase
+from .fusion import fuse_conv_bn, is_batchnorm, norm_act_remainder
 from .heads import RoutingAttention
 
 __all__ = [
@@ -73,7 +75,7 @@ def intrinsic_channels(channels: int, razor_ratio: float) -> int:
 def razor_split(x: torch.Tensor, num_intrinsic: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Razor Operation (Eq. 6-7): ``(X_int, X_rest) = (X[:, :c_i], X[:, c_i:])``.
 
-    [PROPOSED, S2] The paper's channel compression ``delta`` "that prioritises intrinsic features" is realised as a
+    dynzoo's choice: the paper's channel compression ``delta`` "that prioritises intrinsic features" is realised as a
     parameter-free slice (PConv/FasterNet-style); Eq. 7's ``r (sum alpha D) X + (1 - r) X`` is read as a channel
     split (Table 6's params grow ~quadratically with r, which a scalar blend would not do).
     """
@@ -85,7 +87,7 @@ def razor_split(x: torch.Tensor, num_intrinsic: int) -> Tuple[torch.Tensor, torc
 def strip_to_square(weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """The paper's ``psi`` (Eq. 10): reshape a ``(O, I, k*k, 1)`` or ``(O, I, 1, k*k)`` strip to ``(O, I, k, k)``.
 
-    [PROPOSED, S4] Row-major: tap ``t`` goes to ``(t // k, t % k)``.
+    dynzoo's choice: row-major, tap ``t`` goes to ``(t // k, t % k)``.
     """
     if weight.dim() != 4 or weight.shape[2] * weight.shape[3] != kernel_size * kernel_size \
             or min(weight.shape[2], weight.shape[3]) != 1:
@@ -97,8 +99,8 @@ def strip_to_square(weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
 def static_guide(weight_h: torch.Tensor, weight_w: torch.Tensor, num_channels: int, kernel_size: int) -> torch.Tensor:
     """Eq. 10's guide ``S = psi(W_h) + psi(W_w)`` on the leading ``c_i x c_i`` sub-blocks -> ``(c_i, c_i, k, k)``.
 
-    [PROPOSED, S3] The static kernels are ``c x c``, the dynamic kernel ``c_i x c_i``: the leading sub-block is
-    used.
+    The static kernels are ``c x c``, the dynamic kernel ``c_i x c_i``: the leading sub-block is used (dynzoo's
+    reading of §4.4's "directly mapped").
     """
     return (strip_to_square(weight_h[:num_channels, :num_channels], kernel_size)
             + strip_to_square(weight_w[:num_channels, :num_channels], kernel_size))
@@ -108,13 +110,15 @@ def static_guide(weight_h: torch.Tensor, weight_w: torch.Tensor, num_channels: i
 class GuidedDynamicConv2d(DynamicConv2dBase):
     """Dynamic conv whose experts are modulated by a static guide (Eq. 2, 5, 10) on the shared core.
 
-    ``y = conv(x, (sum_k alpha_k(x) D_k) (.) S)`` with ``alpha = sigmoid(FC(GAP x))`` ([PROPOSED, S5]: CondConv
-    routing, the paper's Eq. 5 only says "sigmoid of a sub-network"). Because the Hadamard product distributes over
+    ``y = conv(x, (sum_k alpha_k(x) D_k) (.) S)`` with ``alpha = sigmoid(FC(GAP x))`` (dynzoo's choice: CondConv
+    routing; the paper's Eq. 5 only says "sigmoid of a sub-network"). Because the Hadamard product distributes over
     the mixture, ``(sum_k alpha_k D_k) (.) S = sum_k alpha_k (D_k (.) S)``: the guide multiplies the ``K`` experts
-    (``K * numel(S)`` products, batch-independent) and the core aggregates/convolves as usual, so every execution
-    strategy of :func:`dynzoo.layers.dynamic.dynamic_conv2d` applies. ``guide`` is ``(C_out, C_in/groups, kh, kw)``.
-    Full ``nn.Conv2d`` geometry (stride, padding, dilation, groups); init [PROPOSED]: kaiming-uniform (a = sqrt 5)
-    per expert, the PyTorch ``Conv2d`` default, as timm's CondConv2d.
+    (:meth:`transform_bank`, ``K * numel(S)`` products, batch-independent) and the core aggregates/convolves as
+    usual, so every execution strategy of :func:`dynzoo.layers.dynamic.dynamic_conv2d` applies.
+    ``forward(x, guide=None)``: ``guide`` (the core's conditioning tensor) is ``(C_out, C_in/groups, kh, kw)``.
+    Full ``nn.Conv2d`` geometry (stride, padding, dilation, groups); init (dynzoo's choice): kaiming-uniform
+    (a = sqrt 5) per expert, the PyTorch ``Conv2d`` default, as timm's CondConv2d. ``inference_mode`` is accepted
+    for the hosts (no fold of its own); ``post_bias`` see :class:`~dynzoo.layers.dynamic.DynamicConv2dBase`.
     """
 
     def __init__(
@@ -129,12 +133,16 @@ class GuidedDynamicConv2d(DynamicConv2dBase):
             bias: bool = False,
             num_kernels: int = 4,
             strategy: str = 'auto',
+            padding_mode: str = 'zeros',
+            inference_mode: bool = False,
+            post_bias: bool = False,
             device=None,
             dtype=None,
     ):
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_kernels,
-            strategy, device=device, dtype=dtype)
+            in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+            padding=padding, dilation=dilation, groups=groups, bias=bias, num_kernels=num_kernels,
+            post_bias=post_bias, strategy=strategy, padding_mode=padding_mode, device=device, dtype=dtype)
         self.routing = RoutingAttention(in_channels, num_kernels, device=device, dtype=dtype)
 
     def reset_bank_parameters(self) -> None:
@@ -146,35 +154,22 @@ class GuidedDynamicConv2d(DynamicConv2dBase):
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward_attention(self, x: torch.Tensor) -> Tuple[
-            Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        return self.routing(F.adaptive_avg_pool2d(x, 1)), None, None, None
+    def forward_attention(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> DynamicAttention:
+        return DynamicAttention(self.routing(F.adaptive_avg_pool2d(x, 1)), None, None, None)
 
-    def check_guide(self, guide: torch.Tensor) -> None:
+    def transform_bank(self, weight: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``D_k (.) S`` for every expert when a guide ``S`` is given."""
+        if cond is None:
+            return weight
+        if not torch.jit.is_scripting():
+            self._check_guide_eager(cond)
+        return weight * cond.to(weight.dtype).unsqueeze(0)
+
+    @torch.jit.unused
+    def _check_guide_eager(self, guide: torch.Tensor) -> None:
         if guide.shape != self.weight.shape[1:]:
-            raise ValueError(f'guide must have shape (C_out, C_in/groups, kh, kw) = {self.weight.shape[1:]}, '
-                             f'got {guide.shape}')
-
-    def forward(self, x: torch.Tensor, guide: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f'GuidedDynamicConv2d expects (B, {self.in_channels}, H, W), got shape {x.shape}')
-        kernel_attn, _, _, _ = self.forward_attention(x)
-        weight = self.weight
-        if guide is not None:
-            self.check_guide(guide)
-            weight = weight * guide.to(weight.dtype).unsqueeze(0)
-        return dynamic_conv2d(
-            x, weight, self.bias, kernel_attn, None, None, None,
-            self.stride, self.padding, self.dilation, self.groups, self.effective_strategy(),
-            post_bias=self.post_bias,
-        )
-
-    @torch.no_grad()
-    def fold_guide(self, guide: torch.Tensor) -> None:
-        """Store ``D~_k = D_k (.) S`` (exact, spec §2); the layer must then be called without a guide."""
-        self.check_guide(guide)
-        self.weight.mul_(guide.to(self.weight.dtype).unsqueeze(0))
+            raise ValueError(f'guide must have shape (C_out, C_in/groups, kh, kw) = {tuple(self.weight.shape[1:])}, '
+                             f'got {tuple(guide.shape)}')
 
 
 @register_notrace_module
@@ -185,7 +180,7 @@ class StripSpatialAttention(nn.Module):
     * W-GAP: mean over width -> ``(B, C, H, 1)``; W-Conv: depthwise ``k x 1`` (pad ``(k//2, 0)``, bias).
     * ``A`` broadcasts to ``(B, C, H, W)``.
 
-    The components and the 1x15 / 15x1 sizes are the paper's (§3.3, Table 7); [PROPOSED, S5] the wiring, the
+    The components and the 1x15 / 15x1 sizes are the paper's (§3.3, Table 7); dynzoo's choices: the wiring, the
     depthwise groups and the sigmoid on each strip (the paper only says the branch output "is also a weight").
     """
 
@@ -213,12 +208,13 @@ class RDConv2d(nn.Module):
     1. Razor (Eq. 6-7): ``X_int = X[:, :c_i]``, ``X_rest = X[:, c_i:]``, ``c_i = int(razor_ratio * c)``.
     2. Dynamic conv (Eq. 2, 5) ``c_i -> c_i``, ``k x k``, ``K`` experts, sigmoid routing from ``GAP(X_int)``, with the
        optional static guide ``S`` of Eq. 10 multiplying the aggregated kernel.
-    3. [PROPOSED] BN on the ``c_i`` outputs: the Hadamard product of two kaiming-scale tensors makes the raw output
-       tiny. The BN sits before the spatial product, so it folds exactly into the experts.
+    3. BN on the ``c_i`` outputs (dynzoo's choice: the Hadamard product of two kaiming-scale tensors makes the raw
+       output tiny). The BN sits before the spatial product, so it folds exactly into the experts.
     4. Spatial branch :class:`StripSpatialAttention` on ``X_int``, multiplied into the conv output.
 
     Channel-preserving, stride 1 only (the paper's only form, ``rc_in -> rc_in``); ``dilation`` keeps the shape
-    (padding ``dilation * (k // 2)``). ``forward(x, guide=None)``; ``reparameterize()`` folds the BN.
+    (padding ``dilation * (k // 2)``). ``forward(x, guide=None)``; ``reparameterize()`` folds the BN into the dynamic
+    conv; ``inference_mode=True`` builds that form (dynamic conv with ``post_bias``, no BN).
     """
 
     def __init__(
@@ -230,6 +226,7 @@ class RDConv2d(nn.Module):
             spatial_kernel: int = 15,
             dilation: int = 1,
             strategy: str = 'auto',
+            inference_mode: bool = False,
             device=None,
             dtype=None,
     ):
@@ -244,8 +241,8 @@ class RDConv2d(nn.Module):
         self.num_intrinsic = intrinsic_channels(channels, razor_ratio)
         self.dynamic = GuidedDynamicConv2d(
             self.num_intrinsic, self.num_intrinsic, kernel_size, padding=dilation * (kernel_size // 2),
-            dilation=dilation, num_kernels=num_kernels, strategy=strategy, **dd)
-        self.bn = nn.BatchNorm2d(self.num_intrinsic, **dd)
+            dilation=dilation, num_kernels=num_kernels, strategy=strategy, post_bias=inference_mode, **dd)
+        self.bn = nn.Identity() if inference_mode else nn.BatchNorm2d(self.num_intrinsic, **dd)
         self.spatial = StripSpatialAttention(self.num_intrinsic, spatial_kernel, **dd)
 
     def forward(self, x: torch.Tensor, guide: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -258,13 +255,11 @@ class RDConv2d(nn.Module):
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Fold the BN into the experts: ``D^_k = s (.) D_k``, shift ``t`` as the core's ``post_bias`` (exact).
-
-        Idempotent. The fold commutes with the guide (both scale per output channel / element-wise).
-        """
-        if isinstance(self.bn, nn.BatchNorm2d):
+        """Fold the BN into the experts: ``D^_k = s (.) D_k``, shift ``t`` as the core's ``post_bias`` (exact, from
+        the running statistics, any mode). The fold commutes with the guide (both scale the experts)."""
+        if is_batchnorm(self.bn):
             self.dynamic.fuse_bn(self.bn)
-            self.bn = nn.Identity()
+            self.bn = norm_act_remainder(self.bn)
 
     def extra_repr(self) -> str:
         return f'{self.channels}, intrinsic={self.num_intrinsic}, kernel_size={self.kernel_size}'
@@ -274,12 +269,14 @@ class RDConv2d(nn.Module):
 class StaticStripConv(nn.Module):
     """Asymmetric static conv of Eq. 8: ``BN(Conv_{k_s x 1}(X))`` or ``BN(Conv_{1 x k_s}(X))``, ``c -> c``.
 
-    [PROPOSED, S5] Dense (groups=1, which reproduces the paper's parameter deltas), no bias, BN, no activation.
+    dynzoo's choice: dense (groups=1, which reproduces the paper's parameter deltas), no bias, BN, no activation.
     "Shared weights" in the paper is the ordinary weight sharing of a static conv, not tying between the two strips.
-    ``reparameterize()`` folds the BN into the strip kernel and a bias (same ``k_s x 1`` / ``1 x k_s`` shape).
+    ``reparameterize()`` folds the BN into the strip kernel and a bias (same ``k_s x 1`` / ``1 x k_s`` shape);
+    ``inference_mode=True`` builds that form.
     """
 
-    def __init__(self, channels: int, kernel_size: Tuple[int, int], device=None, dtype=None):
+    def __init__(self, channels: int, kernel_size: Tuple[int, int], inference_mode: bool = False, device=None,
+                 dtype=None):
         super().__init__()
         kernel_size = to_2tuple(kernel_size)
         if min(kernel_size) != 1 or max(kernel_size) % 2 == 0:
@@ -287,29 +284,18 @@ class StaticStripConv(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         self.channels = channels
         self.conv = nn.Conv2d(channels, channels, kernel_size, padding=(kernel_size[0] // 2, kernel_size[1] // 2),
-                              bias=False, **dd)
-        self.bn = nn.BatchNorm2d(channels, **dd)
-        self.fused = False  # True once reparameterize() folded the BN
+                              bias=inference_mode, **dd)
+        self.bn = nn.Identity() if inference_mode else nn.BatchNorm2d(channels, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x))
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """``W' = W s``, ``b' = beta - mu s`` with ``s = gamma / sqrt(var + eps)`` (exact in eval). Idempotent."""
-        if self.fused:
-            return
-        bn = self.bn
-        std = (bn.running_var + bn.eps).sqrt()
-        scale = bn.weight / std
-        conv = self.conv
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, bias=True,
-                          device=conv.weight.device, dtype=conv.weight.dtype)
-        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-        fused.bias.copy_(bn.bias - bn.running_mean * scale)
-        self.conv = fused
-        self.bn = nn.Identity()
-        self.fused = True
+        """``W' = s W``, ``b' = t`` (exact, from the running statistics, any mode)."""
+        if is_batchnorm(self.bn):
+            self.conv = fuse_conv_bn(self.conv, self.bn)
+            self.bn = nn.Identity()
 
 
 def sgdm_num_params(
@@ -321,7 +307,7 @@ def sgdm_num_params(
         static_kernel: int = 9,
         spatial_kernel: int = 15,
 ) -> int:
-    """The spec's closed form ``P(C)`` (§1.5) of an :class:`SGDM`'s parameters (training form)."""
+    """Closed-form parameter count of an :class:`SGDM` (training form), term by term from the blocks above."""
     c = int(split_ratio * channels)
     c_i = int(razor_ratio * c)
     return (2 * (static_kernel * c * c + 2 * c)                    # two dense strips + their BNs
@@ -337,17 +323,17 @@ class SGDM(nn.Module):
 
     ``X_rd, X_h, X_w, X_id = split(X, [c, c, c, C - 3c])`` with ``c = int(split_ratio * C)``;
     ``X'_rd = RDConv(X_rd; S)``, ``X'_h = BN(Conv_{k_s x 1} X_h)``, ``X'_w = BN(Conv_{1 x k_s} X_w)``, ``X'_id = X_id``;
-    ``SGDM(X) = Cat(X'_rd, X'_h, X'_w, X'_id)`` (Eq. 9, its second ``X'_h`` read as ``X'_w``: S7), where the guide
-    ``S = psi(W_h[:c_i, :c_i]) + psi(W_w[:c_i, :c_i])`` multiplies RDConv's dynamic kernel (Eq. 10; S3, S4).
+    ``SGDM(X) = Cat(X'_rd, X'_h, X'_w, X'_id)`` (Eq. 9, its second ``X'_h`` read as ``X'_w``), where the guide
+    ``S = psi(W_h[:c_i, :c_i]) + psi(W_w[:c_i, :c_i])`` multiplies RDConv's dynamic kernel (Eq. 10).
 
     Defaults are the paper's: ``split_ratio`` 0.25 (Table 8), ``razor_ratio`` 0.5 (Table 6), ``num_kernels`` 4,
     ``kernel_size`` (k_d) 3, ``static_kernel`` (k_s) 9 = k_d^2 (required by ``psi``), ``spatial_kernel`` 15
-    (Table 7; a separate parameter from ``static_kernel``: S1). Every other choice is listed in the module
-    docstring of :mod:`dynzoo.layers.sgdm` ([PROPOSED]: S2, S5; no residual, no final norm or activation).
+    (Table 7; a separate parameter from ``static_kernel``). Every other choice is listed in the module docstring of
+    :mod:`dynzoo.layers.sgdm`.
 
-    ``reparameterize()`` (spec §2) switches the module to its inference form in place: ``S`` is computed from the
-    raw strip kernels and multiplied into the experts, then the dynamic conv's BN and both strips' BNs are folded.
-    Afterwards the guide is no longer recomputed (``deployed``); the module is inference-only.
+    Inference form: ``reparameterize()`` stores ``S``, computed from the raw strip kernels, as the buffer ``guide``
+    (``None`` in the training form, where ``S`` follows the live kernels); the strips and RDConv fold their BNs
+    themselves afterwards (a parent is visited first). ``inference_mode=True`` builds that form directly.
     """
 
     def __init__(
@@ -360,6 +346,7 @@ class SGDM(nn.Module):
             static_kernel: int = 9,
             spatial_kernel: int = 15,
             strategy: str = 'auto',
+            inference_mode: bool = False,
             device=None,
             dtype=None,
     ):
@@ -378,11 +365,13 @@ class SGDM(nn.Module):
         self.split_channels = split
         self.split_sizes: List[int] = [split, split, split, channels - 3 * split]
         self.kernel_size = kernel_size
-        self.rdconv = RDConv2d(split, kernel_size, razor_ratio, num_kernels, spatial_kernel, strategy=strategy, **dd)
+        self.rdconv = RDConv2d(split, kernel_size, razor_ratio, num_kernels, spatial_kernel, strategy=strategy,
+                               inference_mode=inference_mode, **dd)
         self.num_intrinsic = self.rdconv.num_intrinsic
-        self.conv_h = StaticStripConv(split, (static_kernel, 1), **dd)
-        self.conv_w = StaticStripConv(split, (1, static_kernel), **dd)
-        self.deployed = False
+        self.conv_h = StaticStripConv(split, (static_kernel, 1), inference_mode=inference_mode, **dd)
+        self.conv_w = StaticStripConv(split, (1, static_kernel), inference_mode=inference_mode, **dd)
+        guide_shape = (self.num_intrinsic, self.num_intrinsic, kernel_size, kernel_size)
+        self.register_buffer('guide', torch.zeros(guide_shape, **dd) if inference_mode else None)
 
     def static_guide(self) -> torch.Tensor:
         """Eq. 10's ``psi(W_h) + psi(W_w)`` from the live strip kernels (gradients flow to both strips)."""
@@ -392,27 +381,21 @@ class SGDM(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f'SGDM expects (B, {self.channels}, H, W), got shape {x.shape}')
         x_rd, x_h, x_w, x_id = torch.split(x, self.split_sizes, dim=1)
-        guide: Optional[torch.Tensor] = None
-        if not self.deployed:
+        guide: Optional[torch.Tensor] = self.guide
+        if guide is None:
             guide = self.static_guide()
         return torch.cat([self.rdconv(x_rd, guide), self.conv_h(x_h), self.conv_w(x_w), x_id], dim=1)
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Fold the guide into the experts and every BN into its conv (spec §2). Idempotent."""
-        if self.deployed:
+        """Store the guide from the raw strip kernels (before the strips fold their BNs). Idempotent."""
+        if self.guide is not None:
             return
-        if self.conv_h.fused or self.conv_w.fused:
+        if not (is_batchnorm(self.conv_h.bn) and is_batchnorm(self.conv_w.bn)):
             raise RuntimeError(
-                'the static strips of this SGDM were folded on their own, which changed the kernels the guide is '
-                'built from; call SGDM.reparameterize() (or timm.utils.reparameterize_model) on the whole module')
-        guide = self.static_guide()  # from the raw kernels, BEFORE their BNs are folded
-        self.rdconv.dynamic.fold_guide(guide)
-        self.rdconv.reparameterize()
-        self.conv_h.reparameterize()
-        self.conv_w.reparameterize()
-        self.deployed = True
+                'the static strips of this SGDM were folded before the SGDM, which changed the kernels the guide is '
+                'built from; reparameterize the SGDM first (timm.utils.reparameterize_model visits it first)')
+        self.guide = self.static_guide().detach().clone()
 
     def extra_repr(self) -> str:
-        return (f'{self.channels}, split={self.split_sizes}, intrinsic={self.num_intrinsic}, '
-                f'deployed={self.deployed}')
+        return f'{self.channels}, split={self.split_sizes}, intrinsic={self.num_intrinsic}'

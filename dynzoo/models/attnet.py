@@ -2,7 +2,7 @@
 Self-Attention with Convolutional Efficiency", arXiv:2510.20092; code: github.com/price112/Attentive-Convolution).
 
 A 4-stage (strides 4, 8, 16, 32), isotropic-per-stage, pre-norm metaformer on NCHW maps (paper §III-E; the stem,
-downsampling, channel mixer and head are not in the paper's text and follow the authors' code, spec §2):
+downsampling, channel mixer and head are not in the paper's text and follow the authors' ``models/AttNet.py``):
 
 * stem ``downsample_layers.0``: conv3x3 s2 (3 -> C0/2, no bias) + BN, GELU, conv3x3 s2 (-> C0, no bias) + BN;
 * downsampling ``downsample_layers.{1,2,3}``: conv3x3 s2 (no bias) + BN, no norm before and no activation after;
@@ -16,15 +16,19 @@ State-dict keys are the authors' except the head, which timm's head holds as ``h
 :func:`checkpoint_filter_fn` maps their ``norm.*`` / ``head.*`` and unwraps their training container
 ``{'model': ..., 'model_ema': ...}``, so their checkpoints load with ``strict=True``.
 
-Checkpoint EMA choice (spec §4.2, §6.12): the authors' ``train.py`` keeps an EMA (decay 0.99995) but its
+Checkpoint EMA choice (dynzoo's): the authors' ``train.py`` keeps an EMA (decay 0.99995) but its
 ``evaluate()`` reports the *raw* model, so the paper's accuracies are those of the ``'model'`` weights, which is
 what loads by default. ``timm.create_model(name, pretrained=True, use_ema=True, ...)`` loads ``'model_ema'``
 instead (an error if the file has none). Which of the two the authors' released files hold is not documented.
 
-Drop-path rates (authors' launch scripts, spec §3.1/§4.2): T1 0.1, T2 0.2, T3 0.4, T4 0.5, S 0.05, XS 0.02,
+Drop-path rates (authors' launch scripts ``runs/*.txt``): T1 0.1, T2 0.2, T3 0.4, T4 0.5, S 0.05, XS 0.02,
 XXS 0 -- the training recipes (``dynzoo/tools/recipes/attnet_*.yaml``) pass them; the constructors default to 0 as timm
-models do. :meth:`AttNet.reparameterize` builds the exact inference form (conv+BN folds, LayerScale folded into
-the projections, pool-first ATConv context).
+models do.
+
+Inference form (timm's ``reparameterize_model`` / ``dynzoo.reparameterize``, or built directly with
+``inference_mode=True``): each conv + BN downsampling unit folds its BN into its conv and each ATConv switches to
+its pool-first context (exact). The LayerScales stay, as in timm's FastViT: a block's LayerScale scales the output
+of a projection its child owns, and a module folds only its own tensors (dynzoo's choice; one multiply per element).
 """
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -40,42 +44,24 @@ from timm.models._manipulate import checkpoint_seq
 from dynzoo.models import _hub as hub
 from dynzoo.layers.atconv import ATConv2d
 from ._builder import build_dynzoo_model, dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
+from ._hosts import ConvNormSequential
 
 __all__ = ['AttNet', 'AttNetBlock', 'ConvGLU', 'checkpoint_filter_fn', 'ATTNET_CONFIGS']
 
 
-def _conv_bn(in_chs: int, out_chs: int, dd: Dict[str, Any]) -> nn.Sequential:
-    """conv3x3 stride 2 (no bias) + BN: the authors' downsampling unit (keys ``0`` conv, ``1`` BN)."""
-    return nn.Sequential(
+def _conv_bn(in_chs: int, out_chs: int, inference_mode: bool = False, device=None, dtype=None) -> nn.Sequential:
+    """conv3x3 stride 2 (no bias) + BN: the authors' downsampling unit (keys ``0`` conv, ``1`` BN), which folds
+    its BN into the conv in the inference form."""
+    dd = {'device': device, 'dtype': dtype}
+    return ConvNormSequential(
         nn.Conv2d(in_chs, out_chs, 3, stride=2, padding=1, bias=False, **dd),
         nn.BatchNorm2d(out_chs, **dd),
+        inference_mode=inference_mode,
     )
 
 
-@torch.no_grad()
-def _fuse_conv_bn(seq: nn.Sequential) -> nn.Conv2d:
-    """Fold the eval-mode BN of a ``_conv_bn`` unit into its conv (which gains a bias); exact."""
-    conv, bn = seq[0], seq[1]
-    std = (bn.running_var + bn.eps).sqrt()
-    scale = bn.weight / std
-    fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True,
-        device=conv.weight.device, dtype=conv.weight.dtype)
-    fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-    fused.bias.copy_(bn.bias - bn.running_mean * scale)
-    return fused.train(seq.training)
-
-
-@torch.no_grad()
-def _fold_layer_scale(conv: nn.Conv2d, gamma: torch.Tensor) -> None:
-    """``gamma * conv(x) = (gamma W) x + gamma b`` for a 1x1 output projection."""
-    conv.weight.mul_(gamma.view(-1, 1, 1, 1))
-    if conv.bias is not None:
-        conv.bias.mul_(gamma)
-
-
 class ConvGLU(nn.Module):
-    """Gated channel mixer of the authors' code (the paper's "GLU"; spec §2.3).
+    """Gated channel mixer of the authors' code (the paper's "GLU", §III-E; ``ConvGLU`` in ``models/AttNet.py``).
 
     ``fc1`` (C -> 2h), gate half through a depthwise 3x3 (``dwconv``), ``GELU(gate) * value``, optional
     ``RmsNorm2d`` (``norm_layer``), ``fc2`` (h -> C). Chunk order: first half gate, second half value.
@@ -121,13 +107,15 @@ class AttNetBlock(nn.Module):
             glu_norm: bool = True,
             drop_path: float = 0.,
             strategy: str = 'auto',
+            inference_mode: bool = False,
             device=None,
             dtype=None,
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         self.norm_1 = LayerNorm2d(dim, eps=1e-6, **dd)
-        self.token_mixer = ATConv2d(dim, kernel_size, pool_mode=pool_mode, strategy=strategy, **dd)
+        self.token_mixer = ATConv2d(
+            dim, kernel_size, pool_mode=pool_mode, strategy=strategy, inference_mode=inference_mode, **dd)
         self.layer_scale_1 = LayerScale2d(dim, layer_scale_init_value, **dd) if use_layer_scale else nn.Identity()
         self.drop_path_1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm_2 = LayerNorm2d(dim, eps=1e-6, **dd)
@@ -140,17 +128,6 @@ class AttNetBlock(nn.Module):
         x = x + self.drop_path_2(self.layer_scale_2(self.channel_mixer(self.norm_2(x))))
         return x
 
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold LayerScale into ``token_mixer.proj`` / ``channel_mixer.fc2`` and switch ATConv to pool-first."""
-        if isinstance(self.layer_scale_1, LayerScale2d):
-            _fold_layer_scale(self.token_mixer.proj, self.layer_scale_1.gamma)
-            self.layer_scale_1 = nn.Identity().train(self.training)
-        if isinstance(self.layer_scale_2, LayerScale2d):
-            _fold_layer_scale(self.channel_mixer.fc2, self.layer_scale_2.gamma)
-            self.layer_scale_2 = nn.Identity().train(self.training)
-        self.token_mixer.reparameterize()
-
 
 def glu_hidden_dim(dim: int, exp_rate: float) -> int:
     """The authors' GLU width ``int(2 * int(C * e) / 3)`` (2/3 rule, truncated twice)."""
@@ -158,7 +135,7 @@ def glu_hidden_dim(dim: int, exp_rate: float) -> int:
 
 
 class AttNet(nn.Module):
-    """AttNet (arXiv:2510.20092, Tab. I; spec §2-§3).
+    """AttNet (arXiv:2510.20092, §III-E, Tab. I; the authors' ``models/AttNet.py``).
 
     Args:
         in_chans: input channels.
@@ -173,6 +150,8 @@ class AttNet(nn.Module):
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, rising linearly over all blocks from 0.
         strategy: per-sample depthwise execution strategy of every ATConv (``'auto'`` dispatches).
+        inference_mode: build the inference form directly (folded conv + BN units, pool-first ATConv), with the
+            state-dict keys that reparameterizing the training form leaves.
     """
 
     def __init__(
@@ -191,6 +170,7 @@ class AttNet(nn.Module):
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             strategy: str = 'auto',
+            inference_mode: bool = False,
             device=None,
             dtype=None,
     ):
@@ -213,13 +193,10 @@ class AttNet(nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
 
-        stem = nn.Sequential(
-            _conv_bn(in_chans, dims[0] // 2, dd),
-            nn.GELU(),
-            _conv_bn(dims[0] // 2, dims[0], dd),
-        )
+        conv_bn = partial(_conv_bn, inference_mode=inference_mode, **dd)
+        stem = nn.Sequential(conv_bn(in_chans, dims[0] // 2), nn.GELU(), conv_bn(dims[0] // 2, dims[0]))
         self.downsample_layers = nn.ModuleList(
-            [stem] + [_conv_bn(dims[i - 1], dims[i], dd) for i in range(1, num_stages)])
+            [stem] + [conv_bn(dims[i - 1], dims[i]) for i in range(1, num_stages)])
 
         # the authors' linear rule; on cpu even under a meta device context
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
@@ -232,7 +209,8 @@ class AttNet(nn.Module):
                 AttNetBlock(
                     dims[i], hidden, kernel_size=kernel_sizes[i], pool_mode=pool_mode,
                     use_layer_scale=use_layer_scale, layer_scale_init_value=layer_scale_init_value,
-                    glu_norm=glu_norm, drop_path=dpr[cur + j], strategy=strategy, **dd)
+                    glu_norm=glu_norm, drop_path=dpr[cur + j], strategy=strategy, inference_mode=inference_mode,
+                    **dd)
                 for j in range(depths[i])
             ]))
             cur += depths[i]
@@ -361,25 +339,8 @@ class AttNet(nn.Module):
         x = self.forward_head(x)
         return x
 
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Exact inference form, in place (eval mode): conv+BN folds in the stem and downsampling layers,
-        LayerScale folded into the output projections, pool-first ATConv context. Not trainable as the paper's
-        network afterwards (its state dict no longer has the authors' keys)."""
-        if self.training:
-            raise RuntimeError('AttNet.reparameterize folds BatchNorm running statistics: call model.eval() first')
-        for i, layer in enumerate(self.downsample_layers):
-            if i == 0 and isinstance(layer[0], nn.Sequential):
-                layer[0] = _fuse_conv_bn(layer[0])
-                layer[2] = _fuse_conv_bn(layer[2])
-            elif i > 0 and len(layer) == 2 and isinstance(layer[1], nn.BatchNorm2d):
-                self.downsample_layers[i] = nn.Sequential(_fuse_conv_bn(layer)).train(self.training)
-        for stage in self.stages:
-            for block in stage:
-                block.reparameterize()
 
-
-# the authors' AttNet_* configs (models/AttNet.py; spec §3.1)
+# the authors' AttNet_* configs (models/AttNet.py)
 ATTNET_CONFIGS: Dict[str, Dict[str, Any]] = {
     'attnet_xxs': dict(depths=(2, 2, 4, 2), dims=(32, 64, 128, 240), use_layer_scale=False, glu_norm=False),
     'attnet_xs': dict(depths=(2, 2, 7, 2), dims=(40, 80, 160, 320), use_layer_scale=True, glu_norm=False),
@@ -452,9 +413,9 @@ _RELEASED = ('the authors released ImageNet-1K weights (README folder link, not 
 _CODE_ONLY = ('code-only variant: not in the paper, no paper results and no released weights (unverified)',)
 
 default_cfgs = generate_dynzoo_cfgs({
-    'attnet_xxs.in1k': _cfg(notes=_CODE_ONLY),
-    'attnet_xs.in1k': _cfg(notes=_CODE_ONLY),
-    'attnet_s.in1k': _cfg(notes=_CODE_ONLY),
+    'attnet_xxs.untrained': _cfg(notes=_CODE_ONLY),
+    'attnet_xs.untrained': _cfg(notes=_CODE_ONLY),
+    'attnet_s.untrained': _cfg(notes=_CODE_ONLY),
     'attnet_t1.in1k': _cfg(notes=_RELEASED),
     'attnet_t2.in1k': _cfg(notes=_RELEASED),
     'attnet_t3.in1k': _cfg(notes=_RELEASED),

@@ -2,10 +2,10 @@
 
 Paper: S. Yun, Y. Ro, "Dynamic Mobile-Former: Strengthening Dynamic Convolution with Attention and Residual
 Connection in Kernel Space" (official code github.com/ysj9909/DMF, no licence: nothing of it is copied here; the
-layout below follows the spec ``dmf.md``, which follows the authors' code where the paper is silent or differs).
+layout below follows the paper and, where the paper is silent or differs, the authors' ``dmf_final.py``).
 
 A DMF network keeps a local path (CNN feature maps) and ``M = 6`` global tokens of width ``d = 192``. Each of the
-11 DMF blocks (§3.1, spec §1.7) runs, in the authors' order::
+11 DMF blocks (§3.1-§3.2, Fig. 2) runs, in the authors' order::
 
     tokens = Mobile->Former(x, tokens)      # lightweight cross-attention, tokens attend to the block input (Eq. 3-5)
     tokens = Former(tokens)                  # pre-norm self-attention over the 6 tokens + MLP (ratio 2)
@@ -18,7 +18,7 @@ The stem is a stride-2 3x3 conv, stage 1 a pw-dw-pw "lite bottleneck"; after the
 Mobile->Former + Former updates the tokens, a DYR-1x1 conv widens the map and the head classifies
 ``[GAP(x) ; z]`` with ``fc1 -> Hardswish -> dropout -> fc2``.
 
-Decisions the paper leaves open (all from the authors' code, spec §9): the Former has ``d // 32 = 6`` heads (Table 1
+Decisions the paper leaves open (all from the authors' code): the Former has ``d // 32 = 6`` heads (Table 1
 says 8); the Mobile->Former head dim is ``C_in / H`` with ``q: d -> C_in`` and ``out: C_in -> d`` projections and its
 residual adds the *normalised* tokens; a pre-norm ``GroupNorm(1, C)`` before the IRFFN; no residual around DY-Mobile
 or the lite bottleneck; GRN in the authors' "compat" form (it averages over a size-1 dim, so it is a per-channel
@@ -30,7 +30,17 @@ broadcast over the grid as ``d`` extra channels, so that the head's global pooli
 ``[GAP(x) ; z]`` and every timm API (``global_pool=''``, ``num_features``) stays a single tensor.
 ``forward_intermediates`` / ``features_only`` give the maps after the lite bottleneck and blocks 1, 3, 7, 10
 (strides 2, 4, 8, 16, 32; the detectors use the last four). ``frozen_blocks=4`` freezes DMF blocks 0-3 as the
-authors' detection setting (mmdet ``frozen_stages=1``) does.
+authors' detection setting (mmdet ``frozen_stages=1``) does; it is a training setting (``train()`` keeps those
+blocks in eval mode), not a form of the network.
+
+Kernel-attention temperature: the authors anneal it 30 -> 1 over the first 10 epochs, counting iterations from 1,
+so at the 0-based optimizer step ``s`` it is ``dynzoo.linear_temperature(s + 1, steps_per_epoch)``; inference uses
+1 (:meth:`DynamicMobileFormer.net_update_temperature`, ``dynzoo.set_temperature``).
+
+Inference form (timm's ``reparameterize_model`` / ``dynzoo.reparameterize``, or built directly with
+``inference_mode=True``): every module folds its own BatchNorms -- static convs (stem, downsampling, lite bottleneck,
+IRFFN) into their kernels, DY-Mobile's and the final block's into their DYR convs' kernel banks -- the IRFFN its
+depthwise shortcut and the authors' GRN, and each kernel attention its BN; the per-sample kernels stay dynamic.
 """
 from functools import partial
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -39,17 +49,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import Attention, DropPath, Mlp, SelectAdaptivePool2d, register_notrace_function, trunc_normal_
+from timm.layers import (
+    Attention, ConvNormAct, DropPath, LayerType, Mlp, SelectAdaptivePool2d, register_notrace_function, trunc_normal_,
+)
+from timm.layers.grn import GlobalResponseNorm
 from timm.models import register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
 from dynzoo.models import _hub as hub
 from dynzoo.layers.drconv import DynamicResidualConv2d
-from dynzoo.layers.heads import linear_temperature, set_temperature
+from dynzoo.layers.fusion import fold_affine_into_conv_, norm_act_remainder
+from dynzoo.layers.temperature import set_temperature
 from ._builder import build_dynzoo_model, dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
+from ._hosts import fold_conv_norm
 
-__all__ = ['DynamicMobileFormer', 'DMFBlock', 'checkpoint_filter_fn', 'dmf_temperature']
+__all__ = [
+    'DynamicMobileFormer', 'DMFBlock', 'DMFFinalBlock', 'DynamicMobile', 'InvertedResidualFFN', 'LiteBottleneck',
+    'CompatGlobalResponseNorm', 'RepConvNormAct', 'checkpoint_filter_fn',
+]
 
 register_family(
     'dmf', paper='Dynamic Mobile-Former: Strengthening Dynamic Convolution with Attention and Residual Connection '
@@ -57,148 +75,126 @@ register_family(
     paper_ids='github.com/ysj9909/DMF')
 
 
-def dmf_temperature(iteration: int, iters_per_epoch: int, t0: float = 30.0, anneal_epochs: int = 10) -> float:
-    """The authors' kernel-attention temperature: ``1 + max(0, (t0 - 1)(N - n) / N)``, ``N = anneal_epochs *
-    iters_per_epoch``, ``n`` the 1-based global iteration (spec §1.1); the same line as
-    ``dynzoo.linear_temperature``."""
-    if iters_per_epoch < 1 or anneal_epochs < 1:
-        raise ValueError('iters_per_epoch and anneal_epochs must be >= 1')
-    return linear_temperature(iteration / float(anneal_epochs * iters_per_epoch), t0, 1.0)
-
-
 # ---------------------------------------------------------------------------------------------------- fusion helpers
 
-@torch.no_grad()
-def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """``bn(conv(x))`` as one conv with bias (exact in eval mode)."""
-    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
-    fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-        conv.groups, bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
-    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
-    return fused
+def _norm(num_features: int, inference_mode: bool, dd: Dict[str, Any]) -> nn.Module:
+    """A conv's BatchNorm, or in the inference form the ``nn.Identity`` it is folded into."""
+    return nn.Identity() if inference_mode else nn.BatchNorm2d(num_features, **dd)
 
 
-@torch.no_grad()
-def _fold_input_affine(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
-    """``conv(weight * x + bias)`` (per input channel) as one conv, for a dense 1x1 ``conv`` (exact)."""
-    assert conv.groups == 1 and conv.kernel_size == (1, 1)
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=True,
-                      device=conv.weight.device, dtype=conv.weight.dtype)
-    w = conv.weight.flatten(1)
-    fused.weight.copy_((w * weight.reshape(1, -1)).reshape_as(conv.weight))
-    b = w @ bias
-    if conv.bias is not None:
-        b = b + conv.bias
-    fused.bias.copy_(b)
-    return fused
+def _fold_conv_bn_pairs(module: nn.Module, pairs: Tuple[Tuple[str, str], ...]) -> None:
+    """Fold each ``(conv, bn)`` attribute pair of ``module`` that still holds a BatchNorm (see ``fold_conv_norm``)."""
+    for conv_name, bn_name in pairs:
+        fold_conv_norm(module, conv_name, bn_name)
+
+
+class RepConvNormAct(ConvNormAct):
+    """timm's ``ConvNormAct`` (conv -> ``BatchNormAct2d``, keys ``conv`` / ``bn``) with an inference form: the BN
+    folded into the conv (which gains a bias) and ``bn`` reduced to its activation (``inference_mode=True`` or
+    :meth:`reparameterize`). DMF's stem and stride-2 depthwise downsampling; SGDM's Ultralytics ``Conv``."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int = 1,
+            stride: int = 1,
+            groups: int = 1,
+            bias: bool = False,
+            norm_layer: LayerType = nn.BatchNorm2d,
+            act_layer: LayerType = nn.ReLU,
+            inference_mode: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__(
+            in_chs, out_chs, kernel_size, stride=stride, groups=groups, bias=bias or inference_mode,
+            norm_layer=norm_layer, act_layer=act_layer, device=device, dtype=dtype)
+        if inference_mode:
+            self.bn = norm_act_remainder(self.bn)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the BN into the conv (exact); a no-op once folded."""
+        fold_conv_norm(self, 'conv', 'bn')
 
 
 # ------------------------------------------------------------------------------------------------------------ blocks
 
-class ConvBnAct(nn.Module):
-    """``GELU(BN(conv(x)))``: DMF's stem (3x3 s2, bias) and the stride-2 depthwise downsampling (bias)."""
-
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
-                 bias: bool = False, device=None, dtype=None):
-        super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=bias, **dd)
-        self.bn = nn.BatchNorm2d(out_chs, **dd)
-        self.act = nn.GELU()
-        self.reparameterized = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
-
-    def reparameterize(self) -> None:
-        """Fold the BatchNorm into the conv (exact)."""
-        if self.reparameterized:
-            return
-        self.conv = _fold_bn(self.conv, self.bn)
-        self.bn = nn.Identity()
-        self.reparameterized = True
-
-
 class LiteBottleneck(nn.Module):
-    """Stage 1 "bneck-lite" (spec §1.8): ``pw -> BN -> GELU -> dw3x3 -> BN -> GELU -> pw -> BN``, no residual."""
+    """Stage 1 "bneck-lite" (§3.6, Table 1; the authors' ``dmf_final.py``): ``pw -> BN -> GELU -> dw3x3 -> BN ->
+    GELU -> pw -> BN``, no residual. Inference form: each BN folded into its conv (which gains a bias)."""
 
-    def __init__(self, in_chs: int, hidden_chs: int, out_chs: int, device=None, dtype=None):
+    def __init__(self, in_chs: int, hidden_chs: int, out_chs: int, inference_mode: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.pw_conv1 = nn.Conv2d(in_chs, hidden_chs, 1, bias=False, **dd)
-        self.bn1 = nn.BatchNorm2d(hidden_chs, **dd)
-        self.dw_conv = nn.Conv2d(hidden_chs, hidden_chs, 3, 1, 1, groups=hidden_chs, bias=False, **dd)
-        self.bn2 = nn.BatchNorm2d(hidden_chs, **dd)
-        self.pw_conv2 = nn.Conv2d(hidden_chs, out_chs, 1, bias=False, **dd)
-        self.bn3 = nn.BatchNorm2d(out_chs, **dd)
+        self.pw_conv1 = nn.Conv2d(in_chs, hidden_chs, 1, bias=inference_mode, **dd)
+        self.bn1 = _norm(hidden_chs, inference_mode, dd)
+        self.dw_conv = nn.Conv2d(hidden_chs, hidden_chs, 3, 1, 1, groups=hidden_chs, bias=inference_mode, **dd)
+        self.bn2 = _norm(hidden_chs, inference_mode, dd)
+        self.pw_conv2 = nn.Conv2d(hidden_chs, out_chs, 1, bias=inference_mode, **dd)
+        self.bn3 = _norm(out_chs, inference_mode, dd)
         self.act = nn.GELU()
-        self.reparameterized = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn1(self.pw_conv1(x)))
         x = self.act(self.bn2(self.dw_conv(x)))
         return self.bn3(self.pw_conv2(x))
 
+    @torch.no_grad()
     def reparameterize(self) -> None:
-        """Fold the three BatchNorms into their convs (exact)."""
-        if self.reparameterized:
-            return
-        for conv, bn in (('pw_conv1', 'bn1'), ('dw_conv', 'bn2'), ('pw_conv2', 'bn3')):
-            setattr(self, conv, _fold_bn(getattr(self, conv), getattr(self, bn)))
-            setattr(self, bn, nn.Identity())
-        self.reparameterized = True
+        """Fold the three BatchNorms into their convs (exact); a no-op once folded."""
+        _fold_conv_bn_pairs(self, (('pw_conv1', 'bn1'), ('dw_conv', 'bn2'), ('pw_conv2', 'bn3')))
 
 
-class GlobalResponseNorm(nn.Module):
-    """GRN (ConvNeXt-V2) on NCHW maps: ``gamma * (x * n) + beta + x``, ``g = ||x||_2`` over (H, W).
+class CompatGlobalResponseNorm(GlobalResponseNorm):
+    """The authors' GRN (their ``compat`` code path): timm's NCHW ``GlobalResponseNorm`` whose response is
+    normalised over the trailing dim of ``g = ||x||_2`` (H, W), which has size 1.
 
-    ``compat=True`` (default, the authors' code and checkpoints): ``n = g / (mean(g, dim=-1) + 1e-6)`` averages a
-    size-1 dim, so ``n = g / (g + 1e-6)`` and GRN is the per-channel affine map ``(1 + gamma) x + beta`` up to
-    ``|gamma| * 1e-6`` (spec §1.6). ``compat=False``: ConvNeXt-V2's ``n = g / (mean_C(g) + 1e-6)``.
+    The authors average ``g`` over ``dim=-1`` of the ``(B, C, 1, 1)`` norm map, so ``n = g / (g + eps)`` and GRN is
+    the per-channel affine map ``(1 + gamma) x + beta`` up to ``|gamma| * eps``; ConvNeXt-V2's GRN (timm's, the
+    ``grn_compat=False`` choice) averages over the channels instead. Parameters are timm's ``weight`` / ``bias``
+    ``(C,)``, the authors' ``gamma`` / ``beta`` ``(1, C, 1, 1)`` (:func:`checkpoint_filter_fn` maps them).
     """
 
-    def __init__(self, channels: int, compat: bool = True, eps: float = 1e-6, device=None, dtype=None):
-        super().__init__()
-        self.compat = compat
-        self.eps = eps
-        self.gamma = nn.Parameter(torch.zeros(1, channels, 1, 1, device=device, dtype=dtype))
-        self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1, device=device, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = torch.linalg.vector_norm(x, 2, dim=(2, 3), keepdim=True)
-        if self.compat:
-            n = g / (g + self.eps)
-        else:
-            n = g / (g.mean(dim=1, keepdim=True) + self.eps)
-        return self.gamma * (x * n) + self.beta + x
+    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__(dim, eps=eps, channels_last=False, device=device, dtype=dtype)
+        self.channel_dim = -1
 
 
 class InvertedResidualFFN(nn.Module):
-    """IRFFN (Eq. 6): ``pw(C->F) -> BN -> GELU -> [v + dw3x3(v)] -> GRN -> GELU -> pw(F->C) -> BN``.
+    """IRFFN (§3.5, Eq. 6): ``pw(C->F) -> BN -> GELU -> [v + dw3x3(v)] -> GRN -> GELU -> pw(F->C) -> BN``.
 
-    The 1x1 convs are dense (they mix DY-Mobile's channel groups); no conv has a bias.
+    The 1x1 convs are dense (they mix DY-Mobile's channel groups); no conv has a bias. Inference form
+    (``inference_mode=True`` or :meth:`reparameterize`): BNs folded into the 1x1 convs, and the shortcut around the
+    depthwise conv folded into its centre tap (RepVGG, Ding et al. 2021, §3.3) as ``dw_reparam``, which also takes
+    the authors' GRN (an affine map up to ``|gamma| * 1e-6``, :class:`CompatGlobalResponseNorm`); ConvNeXt-V2's GRN
+    stays.
     """
 
-    def __init__(self, dim: int, hidden: int, grn_compat: bool = True, device=None, dtype=None):
+    def __init__(self, dim: int, hidden: int, grn_compat: bool = True, inference_mode: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.pw_conv1 = nn.Conv2d(dim, hidden, 1, bias=False, **dd)
-        self.bn1 = nn.BatchNorm2d(hidden, **dd)
-        self.dw_conv = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False, **dd)
-        self.grn = GlobalResponseNorm(hidden, compat=grn_compat, **dd)
-        self.pw_conv2 = nn.Conv2d(hidden, dim, 1, bias=False, **dd)
-        self.bn3 = nn.BatchNorm2d(dim, **dd)
+        self.pw_conv1 = nn.Conv2d(dim, hidden, 1, bias=inference_mode, **dd)
+        self.bn1 = _norm(hidden, inference_mode, dd)
+        # both registered, in this order, in either form (the other one None)
+        dw_conv = partial(nn.Conv2d, hidden, hidden, 3, 1, 1, groups=hidden, **dd)
+        self.register_module('dw_conv', None if inference_mode else dw_conv(bias=False))
+        self.register_module('dw_reparam', dw_conv(bias=True) if inference_mode else None)
+        if not grn_compat:
+            self.grn = GlobalResponseNorm(hidden, eps=1e-6, channels_last=False, **dd)
+        else:
+            self.grn = nn.Identity() if inference_mode else CompatGlobalResponseNorm(hidden, **dd)
+        self.pw_conv2 = nn.Conv2d(hidden, dim, 1, bias=inference_mode, **dd)
+        self.bn3 = _norm(dim, inference_mode, dd)
         self.act = nn.GELU()
-        self.dw_has_identity = False  # True once the shortcut around the dwconv is folded into its kernel
-        self.reparameterized = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn1(self.pw_conv1(x)))
-        if self.dw_has_identity:
-            x = self.dw_conv(x)
+        if self.dw_reparam is not None:
+            x = self.dw_reparam(x)
         else:
             x = x + self.dw_conv(x)
         x = self.act(self.grn(x))
@@ -206,36 +202,30 @@ class InvertedResidualFFN(nn.Module):
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Deploy form ``pw1' -> GELU -> dw' -> GELU -> pw2'``: BNs folded, the shortcut folded into the dwconv
-        centre tap (RepVGG), and the compat GRN's affine folded into it too (error ``<= |gamma| * 1e-6``, spec §2).
-        With ``grn_compat=False`` the GRN stays."""
-        if self.reparameterized:
+        """``pw1' -> GELU -> dw' -> [GRN] -> GELU -> pw2'`` (see the class docstring); a no-op once folded."""
+        _fold_conv_bn_pairs(self, (('pw_conv1', 'bn1'), ('pw_conv2', 'bn3')))
+        if self.dw_conv is None:
             return
-        self.pw_conv1 = _fold_bn(self.pw_conv1, self.bn1)
-        self.bn1 = nn.Identity()
         dw = self.dw_conv
         fused = nn.Conv2d(dw.in_channels, dw.out_channels, 3, 1, 1, groups=dw.groups, bias=True,
                           device=dw.weight.device, dtype=dw.weight.dtype)
-        w = dw.weight.clone()
-        w[:, 0, 1, 1] += 1.0
-        b = torch.zeros(dw.out_channels, device=w.device, dtype=w.dtype)
-        if isinstance(self.grn, GlobalResponseNorm) and self.grn.compat:
-            scale = 1.0 + self.grn.gamma.reshape(-1)
-            w = w * scale.reshape(-1, 1, 1, 1)
-            b = self.grn.beta.reshape(-1).clone()
+        fused.weight.copy_(dw.weight)
+        fused.weight[:, 0, 1, 1] += 1.0  # v + dw(v): the identity is the centre tap of a depthwise kernel
+        fused.bias.zero_()
+        if isinstance(self.grn, CompatGlobalResponseNorm):
+            fold_affine_into_conv_(fused, 1.0 + self.grn.weight, self.grn.bias)
             self.grn = nn.Identity()
-        fused.weight.copy_(w)
-        fused.bias.copy_(b)
-        self.dw_conv = fused
-        self.dw_has_identity = True
-        self.pw_conv2 = _fold_bn(self.pw_conv2, self.bn3)
-        self.bn3 = nn.Identity()
-        self.reparameterized = True
+        self.dw_reparam = fused.train(dw.training)
+        self.dw_conv = None
 
 
 class DynamicMobile(nn.Module):
-    """DY-Mobile (§3.3, spec §1.2): ``[dw3x3 s2 -> BN -> GELU] -> DYR-1x1 (G groups) -> BN -> GELU -> DYR-dw3x3
-    -> BN -> GELU -> DYR-1x1 (G groups) -> BN``; the three DYR convs share the token ``z``. No residual."""
+    """DY-Mobile (§3.3, Fig. 3): ``[dw3x3 s2 -> BN -> GELU] -> DYR-1x1 (G groups) -> BN -> GELU -> DYR-dw3x3
+    -> BN -> GELU -> DYR-1x1 (G groups) -> BN``; the three DYR convs share the token ``z``. No residual.
+
+    Inference form: each BN folded into its DYR conv's kernel bank (``fuse_bn``; the shift goes to the conv's
+    ``post_bias``), the per-sample kernel stays dynamic; the stride-2 ``downsample`` folds its own BN.
+    """
 
     def __init__(
             self,
@@ -245,6 +235,7 @@ class DynamicMobile(nn.Module):
             stride: int = 1,
             groups: int = 1,
             dyr_layer=DynamicResidualConv2d,
+            inference_mode: bool = False,
             device=None,
             dtype=None,
     ):
@@ -252,15 +243,17 @@ class DynamicMobile(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         if stride not in (1, 2):
             raise ValueError(f'DY-Mobile stride must be 1 or 2, got {stride}')
-        self.downsample = ConvBnAct(in_chs, in_chs, 3, 2, groups=in_chs, bias=True, **dd) if stride == 2 else None
-        self.pw_conv1 = dyr_layer(in_chs, hidden_chs, 1, groups=groups, **dd)
-        self.bn1 = nn.BatchNorm2d(hidden_chs, **dd)
-        self.dw_conv = dyr_layer(hidden_chs, hidden_chs, 3, groups=hidden_chs, **dd)
-        self.bn2 = nn.BatchNorm2d(hidden_chs, **dd)
-        self.pw_conv2 = dyr_layer(hidden_chs, out_chs, 1, groups=groups, **dd)
-        self.bn3 = nn.BatchNorm2d(out_chs, **dd)
+        self.downsample = RepConvNormAct(
+            in_chs, in_chs, 3, stride=2, groups=in_chs, bias=True, act_layer=nn.GELU, inference_mode=inference_mode,
+            **dd) if stride == 2 else None
+        dyr_layer = partial(dyr_layer, inference_mode=inference_mode, post_bias=inference_mode, **dd)
+        self.pw_conv1 = dyr_layer(in_chs, hidden_chs, 1, groups=groups)
+        self.bn1 = _norm(hidden_chs, inference_mode, dd)
+        self.dw_conv = dyr_layer(hidden_chs, hidden_chs, 3, groups=hidden_chs)
+        self.bn2 = _norm(hidden_chs, inference_mode, dd)
+        self.pw_conv2 = dyr_layer(hidden_chs, out_chs, 1, groups=groups)
+        self.bn3 = _norm(out_chs, inference_mode, dd)
         self.act = nn.GELU()
-        self.reparameterized = False
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
@@ -269,22 +262,14 @@ class DynamicMobile(nn.Module):
         x = self.act(self.bn2(self.dw_conv(x, z)))
         return self.bn3(self.pw_conv2(x, z))
 
+    @torch.no_grad()
     def reparameterize(self) -> None:
-        """Fold each BatchNorm into its DYR conv's kernel bank (exact; the per-sample kernel stays dynamic)."""
-        if self.reparameterized:
-            return
-        if self.downsample is not None:
-            self.downsample.reparameterize()
-        for conv, bn in (('pw_conv1', 'bn1'), ('dw_conv', 'bn2'), ('pw_conv2', 'bn3')):
-            layer = getattr(self, conv)
-            layer.reparameterize()
-            layer.fuse_bn(getattr(self, bn))
-            setattr(self, bn, nn.Identity())
-        self.reparameterized = True
+        """Fold each BatchNorm into its DYR conv's kernel bank (exact); a no-op once folded."""
+        _fold_conv_bn_pairs(self, (('pw_conv1', 'bn1'), ('dw_conv', 'bn2'), ('pw_conv2', 'bn3')))
 
 
 class MobileToFormer(nn.Module):
-    """Mobile->Former lightweight cross-attention (Eq. 3-5, spec §1.3): the ``M`` tokens query the raw pixels.
+    """Mobile->Former lightweight cross-attention (§3.4, Eq. 3-5): the ``M`` tokens query the raw pixels.
 
     ``t = LN(tokens)``; ``q = W_q t`` (``d -> C``, no bias) split into ``H`` heads of ``C / H``; keys = values = the
     pixels of ``x`` (no ``W^K``, ``W^V``), channel ``c`` in head ``c // (C / H)``; ``out = t + DropPath(drop(W_o o))``
@@ -338,7 +323,11 @@ class Former(nn.Module):
 
 
 class DMFBlock(nn.Module):
-    """One "DMF block(H, G, R)" of Table 1 (spec §1.7); ``forward(x, tokens) -> (x, tokens)``."""
+    """One "DMF block(H, G, R)" of Table 1 (§3.2, Fig. 2); ``forward(x, tokens) -> (x, tokens)``.
+
+    The pre-norm ``GroupNorm(1, C)`` before the IRFFN is the authors' and stays in the inference form (it
+    normalises each sample; its affine is this block's and the conv after it the IRFFN's).
+    """
 
     def __init__(
             self,
@@ -355,6 +344,7 @@ class DMFBlock(nn.Module):
             drop_path: float = 0.,
             grn_compat: bool = True,
             dyr_layer=DynamicResidualConv2d,
+            inference_mode: bool = False,
             device=None,
             dtype=None,
     ):
@@ -362,11 +352,12 @@ class DMFBlock(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         self.mobile2former = MobileToFormer(in_chs, token_dim, num_heads, drop, drop_path, **dd)
         self.former = Former(token_dim, None, former_mlp_ratio, drop, drop_path, **dd)
-        self.dynamic_mobile = DynamicMobile(in_chs, hidden_chs, out_chs, stride, groups, dyr_layer, **dd)
+        self.dynamic_mobile = DynamicMobile(
+            in_chs, hidden_chs, out_chs, stride, groups, dyr_layer, inference_mode=inference_mode, **dd)
         self.norm = nn.GroupNorm(1, out_chs, **dd)
-        self.ffn = InvertedResidualFFN(out_chs, int(out_chs * ffn_ratio), grn_compat, **dd)
+        self.ffn = InvertedResidualFFN(
+            out_chs, int(out_chs * ffn_ratio), grn_compat, inference_mode=inference_mode, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.reparameterized = False
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         tokens = self.mobile2former(x, tokens)
@@ -375,49 +366,32 @@ class DMFBlock(nn.Module):
         x = x + self.drop_path(self.ffn(self.norm(x)))
         return x, tokens
 
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """DY-Mobile and IRFFN to their deploy forms; the GroupNorm's affine folds into the IRFFN's first conv."""
-        if self.reparameterized:
-            return
-        self.dynamic_mobile.reparameterize()
-        self.ffn.reparameterize()
-        norm = self.norm
-        if isinstance(norm, nn.GroupNorm) and norm.affine:
-            self.ffn.pw_conv1 = _fold_input_affine(self.ffn.pw_conv1, norm.weight, norm.bias)
-            self.norm = nn.GroupNorm(1, norm.num_channels, eps=norm.eps, affine=False)
-        self.reparameterized = True
-
 
 class DMFFinalBlock(nn.Module):
-    """After the last block (spec §1.8): Mobile->Former and Former update the tokens, then
-    ``GELU(BN(DYR-1x1(x, z)))`` widens the map (the authors' ``end_mobile2former``, ``end_former``,
-    ``channel_conv``, ``bn``)."""
+    """After the last block (Table 1's last rows; the authors' ``dmf_final.py``): Mobile->Former and Former update
+    the tokens, then ``GELU(BN(DYR-1x1(x, z)))`` widens the map (the authors' ``end_mobile2former``,
+    ``end_former``, ``channel_conv``, ``bn``). Inference form: the BN folded into the DYR conv's kernel bank."""
 
     def __init__(self, in_chs: int, out_chs: int, num_heads: int, token_dim: int = 192, former_mlp_ratio: float = 2.,
                  drop: float = 0., drop_path_m2f: float = 0., drop_path_former: float = 0.,
-                 dyr_layer=DynamicResidualConv2d, device=None, dtype=None):
+                 dyr_layer=DynamicResidualConv2d, inference_mode: bool = False, device=None, dtype=None):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         self.mobile2former = MobileToFormer(in_chs, token_dim, num_heads, drop, drop_path_m2f, **dd)
         self.former = Former(token_dim, None, former_mlp_ratio, drop, drop_path_former, **dd)
-        self.conv = dyr_layer(in_chs, out_chs, 1, **dd)
-        self.bn = nn.BatchNorm2d(out_chs, **dd)
+        self.conv = dyr_layer(in_chs, out_chs, 1, inference_mode=inference_mode, post_bias=inference_mode, **dd)
+        self.bn = _norm(out_chs, inference_mode, dd)
         self.act = nn.GELU()
-        self.reparameterized = False
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         tokens = self.former(self.mobile2former(x, tokens))
         x = self.act(self.bn(self.conv(x, tokens[:, 0])))
         return x, tokens
 
+    @torch.no_grad()
     def reparameterize(self) -> None:
-        if self.reparameterized:
-            return
-        self.conv.reparameterize()
-        self.conv.fuse_bn(self.bn)
-        self.bn = nn.Identity()
-        self.reparameterized = True
+        """Fold the BatchNorm into the DYR conv's kernel bank (exact); a no-op once folded."""
+        fold_conv_norm(self, 'conv', 'bn')
 
 
 class DMFHead(nn.Module):
@@ -506,7 +480,7 @@ BlockCfg = Tuple[int, int, int, int]  # (out_chs, hidden_chs, stride, mobile->fo
 
 
 class DynamicMobileFormer(nn.Module):
-    """Dynamic Mobile-Former (spec §3). ``block_cfgs``: per DMF block ``(C_out, hidden E, stride, M2F heads)``."""
+    """Dynamic Mobile-Former (§3, Table 1). ``block_cfgs``: per DMF block ``(C_out, hidden E, stride, M2F heads)``."""
 
     def __init__(
             self,
@@ -532,19 +506,21 @@ class DynamicMobileFormer(nn.Module):
             dyr_strategy: str = 'auto',
             frozen_blocks: int = 0,
             dyr_kwargs: Optional[Dict[str, Any]] = None,
+            inference_mode: bool = False,
             device=None,
             dtype=None,
     ):
         """
         Args (beyond timm's): ``groups`` G of DY-Mobile's 1x1 DYR convs, ``ffn_ratio`` R of the IRFFN,
         ``final_chs`` width of the final DYR-1x1, ``head_hidden_size`` FC1, ``num_kernels`` K experts per DYR conv,
-        ``grn_compat`` the authors' GRN (see :class:`GlobalResponseNorm`), ``kernel_temperature`` initial temperature
-        of every kernel attention (1 = inference; training anneals 30 -> 1, :func:`dmf_temperature`),
+        ``grn_compat`` the authors' GRN (see :class:`CompatGlobalResponseNorm`), ``kernel_temperature`` initial
+        temperature of every kernel attention (1 = inference; training anneals 30 -> 1, see the module docstring),
         ``single_sample_bn`` batch-1 training behaviour of the kernel-attention BN (``'running'`` or ``'error'``),
         ``dyr_strategy`` the dynamic-conv execution strategy, ``frozen_blocks`` number of leading DMF blocks frozen
         (parameters and BN statistics; the authors' detection setting is 4), ``dyr_kwargs`` extra arguments of every
         :class:`~dynzoo.layers.drconv.DynamicResidualConv2d` (the paper's ablations, e.g. Table 3 "AFKA off":
-        ``dict(token_dim=0, attn_hidden=30)``, "RCKS off": ``dict(agnostic_kernel=False)``; Table 6: ``gate``).
+        ``dict(token_dim=0, attn_hidden=30)``, "RCKS off": ``dict(agnostic_kernel=False)``; Table 6: ``gate``),
+        ``inference_mode`` the inference form built directly (the state-dict keys reparameterizing leaves).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -565,8 +541,9 @@ class DynamicMobileFormer(nn.Module):
         dyr_layer = partial(DynamicResidualConv2d, **dyr_args)
 
         self.tokens = nn.Parameter(torch.randn(1, num_tokens, token_dim, **dd))
-        self.stem = ConvBnAct(in_chans, stem_chs, 3, 2, bias=True, **dd)
-        self.lite_bottleneck = LiteBottleneck(stem_chs, lite_chs[0], lite_chs[1], **dd)
+        self.stem = RepConvNormAct(
+            in_chans, stem_chs, 3, stride=2, bias=True, act_layer=nn.GELU, inference_mode=inference_mode, **dd)
+        self.lite_bottleneck = LiteBottleneck(stem_chs, lite_chs[0], lite_chs[1], inference_mode=inference_mode, **dd)
         self.feature_info = [dict(num_chs=lite_chs[1], reduction=2, module='lite_bottleneck')]
 
         dpr = torch.linspace(0, drop_path_rate, len(block_cfgs) + 2, device='cpu').tolist()
@@ -575,7 +552,7 @@ class DynamicMobileFormer(nn.Module):
         for i, (out_chs, hidden_chs, stride, heads) in enumerate(block_cfgs):
             blocks.append(DMFBlock(
                 in_chs, hidden_chs, out_chs, stride, heads, groups, ffn_ratio, token_dim, former_mlp_ratio,
-                drop_rate, dpr[i], grn_compat, dyr_layer, **dd))
+                drop_rate, dpr[i], grn_compat, dyr_layer, inference_mode=inference_mode, **dd))
             in_chs = out_chs
         self.blocks = nn.ModuleList(blocks)
         # feature taps: the last block before each downsampling and the last block (blocks 1, 3, 7, 10 in DMF)
@@ -589,7 +566,7 @@ class DynamicMobileFormer(nn.Module):
 
         self.final_block = DMFFinalBlock(
             in_chs, final_chs, block_cfgs[-1][3], token_dim, former_mlp_ratio, drop_rate, dpr[-2], dpr[-1],
-            dyr_layer, **dd)
+            dyr_layer, inference_mode=inference_mode, **dd)
         self.num_features = final_chs + token_dim
         self.head = DMFHead(
             self.num_features, head_hidden_size, num_classes, global_pool, drop_rate, token_dim=token_dim, **dd)
@@ -601,7 +578,7 @@ class DynamicMobileFormer(nn.Module):
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
-        """Authors' init (spec §1.9): Linear trunc-normal(0.02), Conv2d kaiming-normal(fan_out), norms 1/0; the DYR
+        """Authors' init: Linear trunc-normal(0.02), Conv2d kaiming-normal(fan_out), norms 1/0; the DYR
         kernels, GRN and tokens keep their own init."""
         if isinstance(m, nn.Linear):
             trunc_normal_(m.weight, std=.02)
@@ -629,7 +606,8 @@ class DynamicMobileFormer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        # spec §7: only 1-D params and biases skip decay (timm's default filter); tokens, GRN and DYR kernels decay
+        # the authors' optimizer: only 1-D params and biases skip decay (timm's default filter); tokens and DYR
+        # kernels decay
         return set()
 
     @torch.jit.ignore
@@ -644,7 +622,7 @@ class DynamicMobileFormer(nn.Module):
 
     @torch.jit.ignore
     def net_update_temperature(self, temperature: float) -> int:
-        """The authors' name: set every kernel-attention temperature (see :func:`dmf_temperature`)."""
+        """The authors' name: set every kernel-attention temperature (the schedule: see the module docstring)."""
         return set_temperature(self, temperature, role='kernel')
 
     def _freeze_blocks(self) -> None:
@@ -753,12 +731,14 @@ class DynamicMobileFormer(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- checkpoint loading
 
-# authors' key fragments -> dynzoo's (spec §4 lists the authors' names)
+# authors' key fragments -> dynzoo's
 _KEY_MAP = (
     ('.Kernel_Attention.', '.kernel_attention.'),
     ('.downsample.0.', '.downsample.conv.'),
     ('.downsample.1.', '.downsample.bn.'),
 )
+# the authors' GRN ``gamma`` / ``beta`` (1, C, 1, 1) are timm's GlobalResponseNorm ``weight`` / ``bias`` (C,)
+_GRN_MAP = (('.grn.gamma', '.grn.weight'), ('.grn.beta', '.grn.bias'))
 _PREFIX_MAP = (
     ('end_mobile2former.', 'final_block.mobile2former.'),
     ('end_former.', 'final_block.former.'),
@@ -776,21 +756,32 @@ def _map_key(key: str) -> str:
             break
     for old, new in _KEY_MAP:
         key = key.replace(old, new)
+    for old, new in _GRN_MAP:
+        if key.endswith(old):
+            key = key[:-len(old)] + new
     return key
+
+
+def _map_value(key: str, value: torch.Tensor) -> torch.Tensor:
+    return value.reshape(-1) if key.endswith(('.grn.weight', '.grn.bias')) else value
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """dynzoo or authors' DMF checkpoint -> dynzoo state dict.
 
     The authors' training script saves ``{'model': sd, 'model_ema': sd?, 'optimizer': ..., ...}`` and evaluates
-    ``model_ema`` when present (spec §4), so the EMA weights are taken when the container has them. Their keys are
-    renamed (``Kernel_Attention`` -> ``kernel_attention``, ``downsample.{0,1}`` -> ``downsample.{conv,bn}``, the final
-    ``end_mobile2former`` / ``end_former`` / ``channel_conv`` / ``bn`` -> ``final_block.*``; a DDP ``module.``
-    prefix is dropped) and the kernel-attention temperatures their code keeps as plain attributes are added at 1.
+    ``model_ema`` when present (their ``main.py``), so the EMA weights are taken when the container has them. Their
+    keys are renamed (``Kernel_Attention`` -> ``kernel_attention``, ``downsample.{0,1}`` -> ``downsample.{conv,bn}``,
+    the final ``end_mobile2former`` / ``end_former`` / ``channel_conv`` / ``bn`` -> ``final_block.*``, the GRN's
+    ``gamma`` / ``beta`` -> ``weight`` / ``bias`` flattened to ``(C,)``; a DDP ``module.`` prefix is dropped) and the
+    kernel-attention temperatures their code keeps as plain attributes are added at 1.
     """
     use_ema = isinstance(state_dict, Mapping) and isinstance(state_dict.get('model_ema'), Mapping)
     sd = hub.strip_prefix(hub.unwrap_checkpoint(state_dict, use_ema=use_ema), 'module.')
-    out = {_map_key(k): v for k, v in sd.items()}
+    out = {}
+    for k, v in sd.items():
+        k = _map_key(k)
+        out[k] = _map_value(k, v)
     for key in model.state_dict():
         if key.endswith('kernel_attention.temperature') and key not in out:
             out[key] = torch.tensor(AUTHORS_TEMPERATURE)
@@ -799,9 +790,10 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
 
 # ---------------------------------------------------------------------------------------------------------- builders
 
-# (C_out, E, stride, M2F heads) per block, spec §3 (Table 1 of the paper; XS from the authors' mmdet config).
-# Dropout / drop-path default to 0 as in timm; the authors train with drop_rate 0.3 (S), 0.2 (XXS), 0.3 (XS,
-# PROPOSED) and drop_path_rate 0.1 (spec §1.9): see dynzoo/tools/recipes/dmf_*.yaml.
+# (C_out, E, stride, M2F heads) per block: Table 1 of the paper; XS from the authors' mmdet config.
+# Dropout / drop-path default to 0 as in timm; the authors train with drop_rate 0.3 (S), 0.2 (XXS) and
+# drop_path_rate 0.1; their XS classifier recipe is not published (dynzoo's choice: 0.3): see
+# dynzoo/tools/recipes/dmf_*.yaml.
 _S_BLOCKS = (
     (40, 144, 2, 2), (40, 120, 1, 2),
     (72, 240, 2, 2), (72, 216, 1, 2),
@@ -844,14 +836,14 @@ def _cfg(**kwargs) -> Dict[str, Any]:
         first_conv='stem.conv', classifier='head.fc2', crop_pct=0.9, interpolation='bicubic',
         license='unknown', paper_name='Dynamic Mobile-Former (Yun & Ro)', paper_ids='github.com/ysj9909/DMF',
         notes=('the authors say the models are released; their repository lists no download, so none is indexed',
-               'crop_pct 0.9 is the authors\' default_cfg; their eval script may use 0.875 (spec §9 A11)'),
+               'crop_pct 0.9 is the authors\' default_cfg; their eval script may use 0.875'),
         **kwargs)
 
 
 default_cfgs = generate_dynzoo_cfgs({
-    'dmf_s.in1k': _cfg(),
-    'dmf_xs.in1k': _cfg(),
-    'dmf_xxs.in1k': _cfg(),
+    'dmf_s.untrained': _cfg(),
+    'dmf_xs.untrained': _cfg(),
+    'dmf_xxs.untrained': _cfg(),
 })
 
 # What the paper states (Table 2): params rounded to 0.1M, FLOPs in M (fvcore; one multiply-add = one FLOP).

@@ -1,15 +1,16 @@
 """FMDConv networks: ResNet-18/34/50/101 and MobileNetV2 x0.5/0.75/1.0 with FMDConv layers.
 
 Paper: T. Zhang et al., "FMDCConv: Fast multi-attention dynamic convolution via speed-accuracy trade-off",
-Knowledge-Based Systems 317 (2025) 113393. Placement (spec §2.1): ResNet-18/34 -- every 3x3 in the BasicBlocks
-(VERIFIED against Table 9); ResNet-50/101 and MobileNetV2 -- ODConv-style, every block conv (+ MobileNetV2's final
-1x1), an assumption since the paper does not say. No checkpoint is published by the authors or by dynzoo.
+Knowledge-Based Systems 317 (2025) 113393; code: tianyu00824/FMDConv. Placement: ResNet-18/34 -- every 3x3 in the
+BasicBlocks (``'blocks'``; Table 9's parameter count confirms it); ResNet-50/101 -- every bottleneck conv
+(``'blocks'``) and MobileNetV2 every conv but the stem (``'all_but_stem'``), ODConv's placement: dynzoo's choice,
+the paper does not say. No checkpoint is published by the authors or by dynzoo (tag ``untrained``).
 
 ``checkpoint_filter_fn`` converts the authors' training container (``{'state_dict': {'module.' + key: ...}}``):
 their keys equal dynzoo's once the DDP prefix is gone, and their effective inference temperatures (kernel
-softmax 34, sigmoid gates 1; spec addendum) are written into the temperature buffers.
+softmax 34, sigmoid gates 1: the authors' code anneals the gates' temperature to 1 and never updates the
+softmax's, whose update method is misspelled) are written into the temperature buffers.
 """
-from functools import partial
 from typing import Any, Dict
 
 import torch
@@ -18,12 +19,12 @@ from timm.models import register_model
 
 from dynzoo.models import _hub as hub
 from dynzoo.layers.fmdconv import FMDConv2d
-from ._builder import build_dynzoo_model, dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
-from ._hosts import DynamicMobileNetV2, DynamicResNet, resnet_layout
+from ._builder import dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
+from ._hosts import HOST_CFGS, DynamicMobileNetV2, DynamicResNet, create_host
 
 __all__ = ['checkpoint_filter_fn', 'AUTHORS_KERNEL_TEMPERATURE']
 
-# the authors' code never anneals the kernel softmax: it runs at its init value for ever (spec addendum)
+# the authors' code never anneals the kernel softmax: it runs at its init value (34) for ever
 AUTHORS_KERNEL_TEMPERATURE = 34.0
 AUTHORS_GATE_TEMPERATURE = 1.0
 
@@ -33,10 +34,6 @@ _FMD_ARGS = ('num_kernels', 'reduction', 'kernel_ratio', 'kernel_temperature', '
 register_family(
     'fmdconv', paper='FMDCConv: Fast multi-attention dynamic convolution via speed-accuracy trade-off (KBS 2025)',
     paper_ids='doi:10.1016/j.knosys.2025.113393')
-
-
-def _pop_conv_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: kwargs.pop(k) for k in _FMD_ARGS if k in kwargs}
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -55,20 +52,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: torch.nn.Module) -> 
     return sd
 
 
-def _create_resnet(variant: str, depth: int, pretrained: bool = False, **kwargs) -> DynamicResNet:
-    block, layers = resnet_layout(depth)
-    conv_layer = partial(FMDConv2d, **_pop_conv_args(kwargs))
-    return build_dynzoo_model(
-        DynamicResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        conv_layer=conv_layer, block=block, layers=layers, **kwargs)
-
-
-def _create_mobilenetv2(variant: str, multiplier: float, pretrained: bool = False, **kwargs) -> DynamicMobileNetV2:
-    conv_layer = partial(FMDConv2d, **_pop_conv_args(kwargs))
-    return build_dynzoo_model(
-        DynamicMobileNetV2, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True),
-        conv_layer=conv_layer, channel_multiplier=multiplier, **kwargs)
+def _create(variant: str, host: str, pretrained: bool = False, **kwargs):
+    return create_host(variant, host, FMDConv2d, pretrained, checkpoint_filter_fn, conv_args=_FMD_ARGS, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
@@ -79,17 +64,11 @@ def _cfg(**kwargs) -> Dict[str, Any]:
         **kwargs)
 
 
-_resnet_cfg = partial(_cfg, first_conv='conv1', classifier='fc')
-_mbv2_cfg = partial(_cfg, first_conv='conv_stem', classifier='classifier')
-
 default_cfgs = generate_dynzoo_cfgs({
-    'fmdconv_resnet18.in1k': _resnet_cfg(),
-    'fmdconv_resnet34.in1k': _resnet_cfg(),
-    'fmdconv_resnet50.in1k': _resnet_cfg(),
-    'fmdconv_resnet101.in1k': _resnet_cfg(),
-    'fmdconv_mobilenetv2_050.in1k': _mbv2_cfg(),
-    'fmdconv_mobilenetv2_075.in1k': _mbv2_cfg(),
-    'fmdconv_mobilenetv2_100.in1k': _mbv2_cfg(),
+    **{f'fmdconv_{h}.untrained': _cfg(**HOST_CFGS['resnet'])
+       for h in ('resnet18', 'resnet34', 'resnet50', 'resnet101')},
+    **{f'fmdconv_{h}.untrained': _cfg(**HOST_CFGS['mobilenetv2'])
+       for h in ('mobilenetv2_050', 'mobilenetv2_075', 'mobilenetv2_100')},
 })
 
 # What the paper / authors' code state (None: not reported). Tests compare computed counts with these.
@@ -104,41 +83,41 @@ register_model_info('fmdconv_mobilenetv2_100', 'fmdconv', paper_params=None, sou
 
 @register_model
 def fmdconv_resnet18(pretrained: bool = False, **kwargs) -> DynamicResNet:
-    """FMDConv ResNet-18: the 16 BasicBlock 3x3 convs are FMDConv (K=4), as VERIFIED by Table 9."""
-    return _create_resnet('fmdconv_resnet18', 18, pretrained, **kwargs)
+    """FMDConv ResNet-18: the 16 BasicBlock 3x3 convs are FMDConv (K=4), Table 9's count."""
+    return _create('fmdconv_resnet18', 'resnet18', pretrained, **kwargs)
 
 
 @register_model
 def fmdconv_resnet34(pretrained: bool = False, **kwargs) -> DynamicResNet:
     """FMDConv ResNet-34 (not in the paper): every BasicBlock 3x3 conv is FMDConv."""
-    return _create_resnet('fmdconv_resnet34', 34, pretrained, **kwargs)
+    return _create('fmdconv_resnet34', 'resnet34', pretrained, **kwargs)
 
 
 @register_model
 def fmdconv_resnet50(pretrained: bool = False, **kwargs) -> DynamicResNet:
     """FMDConv ResNet-50 v1.5 (Table 6): all 48 bottleneck convs are FMDConv (ODConv-style placement)."""
-    return _create_resnet('fmdconv_resnet50', 50, pretrained, **kwargs)
+    return _create('fmdconv_resnet50', 'resnet50', pretrained, **kwargs)
 
 
 @register_model
 def fmdconv_resnet101(pretrained: bool = False, **kwargs) -> DynamicResNet:
     """FMDConv ResNet-101 (not in the paper): all bottleneck convs are FMDConv."""
-    return _create_resnet('fmdconv_resnet101', 101, pretrained, **kwargs)
+    return _create('fmdconv_resnet101', 'resnet101', pretrained, **kwargs)
 
 
 @register_model
 def fmdconv_mobilenetv2_050(pretrained: bool = False, **kwargs) -> DynamicMobileNetV2:
     """FMDConv MobileNetV2 x0.5 (Table 7): 51 convs (pw, dw, pw-linear, final 1x1) are FMDConv."""
-    return _create_mobilenetv2('fmdconv_mobilenetv2_050', 0.5, pretrained, **kwargs)
+    return _create('fmdconv_mobilenetv2_050', 'mobilenetv2_050', pretrained, **kwargs)
 
 
 @register_model
 def fmdconv_mobilenetv2_075(pretrained: bool = False, **kwargs) -> DynamicMobileNetV2:
     """FMDConv MobileNetV2 x0.75 (not in the paper)."""
-    return _create_mobilenetv2('fmdconv_mobilenetv2_075', 0.75, pretrained, **kwargs)
+    return _create('fmdconv_mobilenetv2_075', 'mobilenetv2_075', pretrained, **kwargs)
 
 
 @register_model
 def fmdconv_mobilenetv2_100(pretrained: bool = False, **kwargs) -> DynamicMobileNetV2:
     """FMDConv MobileNetV2 x1.0 (not in the paper)."""
-    return _create_mobilenetv2('fmdconv_mobilenetv2_100', 1.0, pretrained, **kwargs)
+    return _create('fmdconv_mobilenetv2_100', 'mobilenetv2_100', pretrained, **kwargs)

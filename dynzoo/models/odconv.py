@@ -1,17 +1,18 @@
 """The dynamic-convolution baselines as networks: ODConv, DynamicConv and CondConv ResNets / MobileNetV2s.
 
 ODConv (Li, Zhou, Yao, "Omni-Dimensional Dynamic Convolution", ICLR 2022; code and checkpoints: OSVAI/ODConv, MIT):
-placement as in the authors' ``od_resnet`` / ``od_mobilenetv2``: every conv inside the ResNet blocks (stem,
-downsample and FC static) and every MobileNetV2 conv after the stem, final 1x1 included. Names: the authors'
-``kernel_num`` is the "(Nx)" of their tables; ``odconv_<net>`` is the 4x network (the variant the A2D2C/FMDConv
+placement as in the authors' ``od_resnet`` / ``od_mobilenetv2``: every conv inside the ResNet blocks (``'blocks'``:
+stem, downsample and FC static) and every MobileNetV2 conv after the stem, final 1x1 included (``'all_but_stem'``).
+Tags: ``in1k`` where the authors released ImageNet weights (``ODCONV_RELEASES``), else ``untrained``. Names: the
+authors' ``kernel_num`` is the "(Nx)" of their tables; ``odconv_<net>`` is the 4x network (the variant the A2D2C/FMDConv
 tables compare against), ``odconv_<net>_1x`` / ``_2x`` the 1x / 2x ones, and ``num_kernels=`` builds any other.
 Parameter counts equal the authors' code (tests compute them): ResNet-18 4x 44,901,640 (README 44.90 M) / 1x
 11,943,944 (11.94 M), ResNet-50 4x 90,670,888 (90.67 M) / 1x 28,635,112 (28.64 M), ResNet-101 2x 90,441,623
 (90.44 M) / 1x 50,818,769 (50.82 M), MobileNetV2 x1.0 / x0.75 / x0.5 4x 11,512,149 / 7,496,013 / 4,435,501
 (11.51 / 7.50 / 4.44 M) and 1x 4,940,185 / 3,507,113 / 2,425,537 (4.94 / 3.51 / 2.43 M).
 
-DynamicConv (Chen et al., CVPR 2020; no official code) and CondConv (Yang et al., NeurIPS 2019): placement "every
-conv but the stem" (block convs and the downsample 1x1s), ``K = 4`` softmax kernels for DynamicConv and ``K = 8``
+DynamicConv (Chen et al., CVPR 2020; no official code) and CondConv (Yang et al., NeurIPS 2019): placement
+``'all_but_stem'`` (block convs and the downsample 1x1s), ``K = 4`` softmax kernels for DynamicConv and ``K = 8``
 sigmoid-routed experts for CondConv, no kernel bias (BN follows). That is the configuration whose parameter counts
 match the A2D2C paper's baseline rows: DynamicConv R18 45,475,008 (paper 45.47 M / 45.5 M), R50 100,895,176
 (100.9 M); CondConv R50 189,856,200 (189.9 M), R18 89,822,912 (89.9 M in Table 4; Table 1's 81.35 M fits no
@@ -24,7 +25,7 @@ checkpoints carry no temperature: the authors' evaluation runs at T = 1, which i
 """
 import re
 from functools import partial
-from typing import Any, Callable, Dict, List, Union
+from typing import Any, Callable, Dict
 
 import torch
 import torch.nn as nn
@@ -32,9 +33,9 @@ import torch.nn as nn
 from timm.models import register_model
 
 from dynzoo.models import _hub as hub
-from dynzoo.layers.odconv import CondConv2d, DynamicConv2d, ODConv2d
-from ._builder import build_dynzoo_model, dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
-from ._hosts import DynamicMobileNetV2, DynamicResNet, resnet_layout
+from dynzoo.layers.odconv import DynamicConv2d, ODConv2d, RoutedCondConv2d
+from ._builder import dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
+from ._hosts import HOST_CFGS, DynamicMobileNetV2, DynamicResNet, create_host, mobilenetv2_block_names
 
 __all__ = ['checkpoint_filter_fn', 'convert_odconv_mobilenetv2_keys', 'ODCONV_RELEASES']
 
@@ -73,23 +74,6 @@ ODCONV_RELEASES = {
     'odconv_mobilenetv2_050': (4, 70.23, 88.86, _drive('1x2bB8GxNAKfvO-_MX-9Z9mqABBfHkYed')),
 }
 
-# MobileNetV2 stage depths (t, c, n, s table): the authors' features.1..17 are timm's blocks.s.i
-_MBV2_DEPTHS = (1, 2, 3, 4, 3, 3, 1)
-
-
-def _all_but_stem(name: str, conv: nn.Conv2d) -> bool:
-    """Every conv of the ResNet stages: block convs and the downsample 1x1s (DynamicConv / CondConv)."""
-    return name.startswith('layer')
-
-
-def _pop(kwargs: Dict[str, Any], names) -> Dict[str, Any]:
-    return {k: kwargs.pop(k) for k in names if k in kwargs}
-
-
-def _mbv2_block_names() -> List[str]:
-    return [f'blocks.{s}.{i}' for s, n in enumerate(_MBV2_DEPTHS) for i in range(n)]
-
-
 def convert_odconv_mobilenetv2_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The authors' torchvision-layout MobileNetV2 keys -> timm's.
 
@@ -98,7 +82,7 @@ def convert_odconv_mobilenetv2_keys(state_dict: Dict[str, torch.Tensor]) -> Dict
     pw-linear, bn -> ``conv_pw, bn1, conv_dw, bn2, conv_pwl, bn3``); ``features.18.{0,1}`` -> ``conv_head``/``bn2``;
     ``classifier.1`` -> ``classifier``.
     """
-    blocks = _mbv2_block_names()
+    blocks = mobilenetv2_block_names()
     first = {'conv.0.0': 'conv_dw', 'conv.0.1': 'bn1', 'conv.1': 'conv_pw', 'conv.2': 'bn2'}
     other = {'conv.0.0': 'conv_pw', 'conv.0.1': 'bn1', 'conv.1.0': 'conv_dw', 'conv.1.1': 'bn2',
              'conv.2': 'conv_pwl', 'conv.3': 'bn3'}
@@ -142,30 +126,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     return sd
 
 
-def _create_resnet(
-        variant: str, depth: int, conv_cls: Callable, conv_args, defaults: Dict[str, Any],
-        default_placement: Union[str, Callable], pretrained: bool = False, **kwargs) -> DynamicResNet:
-    block, layers = resnet_layout(depth)
-    conv_kwargs = {**defaults, **_pop(kwargs, conv_args)}
-    placement = kwargs.pop('placement', default_placement)
-    if placement == 'all_but_stem':
-        placement = _all_but_stem
-    return build_dynzoo_model(
-        DynamicResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        conv_layer=partial(conv_cls, **conv_kwargs), placement=placement, block=block, layers=layers, **kwargs)
+def _create_od(variant: str, host: str, num_kernels: int, pretrained: bool = False, **kwargs):
+    return create_host(variant, host, partial(ODConv2d, num_kernels=num_kernels), pretrained, checkpoint_filter_fn,
+                       conv_args=_ODCONV_ARGS, **kwargs)
 
 
-def _create_od_resnet(variant: str, depth: int, num_kernels: int, pretrained: bool = False, **kwargs):
-    return _create_resnet(
-        variant, depth, ODConv2d, _ODCONV_ARGS, dict(num_kernels=num_kernels), 'blocks', pretrained, **kwargs)
-
-
-def _create_od_mobilenetv2(variant: str, multiplier: float, num_kernels: int, pretrained: bool = False, **kwargs):
-    conv_kwargs = {'num_kernels': num_kernels, **_pop(kwargs, _ODCONV_ARGS)}
-    return build_dynzoo_model(
-        DynamicMobileNetV2, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True),
-        conv_layer=partial(ODConv2d, **conv_kwargs), channel_multiplier=multiplier, **kwargs)
+def _create_baseline(variant: str, host: str, conv_layer: Callable, conv_args, pretrained: bool = False, **kwargs):
+    return create_host(variant, host, partial(conv_layer, bias=False), pretrained, checkpoint_filter_fn,
+                       conv_args=conv_args, default_placement='all_but_stem', **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
@@ -182,10 +150,15 @@ def _od_cfg(model: str, **kwargs) -> Dict[str, Any]:
                 paper_name='Omni-Dimensional Dynamic Convolution', notes=tuple(notes), **kwargs)
 
 
+def _od_tag(model: str) -> str:
+    """``model.in1k`` where the authors released ImageNet weights, else timm's ``model.untrained``."""
+    return f'{model}.in1k' if model in ODCONV_RELEASES else f'{model}.untrained'
+
+
 _dy_cfg = partial(_cfg, license='apache-2.0', paper_ids='arXiv:1912.03458', paper_name='Dynamic Convolution',
-                  notes=('no official code or weights',), first_conv='conv1', classifier='fc')
+                  notes=('no official code or weights',), **HOST_CFGS['resnet'])
 _cc_cfg = partial(_cfg, license='apache-2.0', paper_ids='arXiv:1904.04971', paper_name='CondConv',
-                  notes=('no PyTorch weights',), first_conv='conv1', classifier='fc')
+                  notes=('no PyTorch weights',), **HOST_CFGS['resnet'])
 
 _OD_RESNETS = ('odconv_resnet18', 'odconv_resnet18_1x', 'odconv_resnet34', 'odconv_resnet50', 'odconv_resnet50_1x',
                'odconv_resnet101', 'odconv_resnet101_1x', 'odconv_resnet101_2x')
@@ -193,12 +166,12 @@ _OD_MBV2 = ('odconv_mobilenetv2_050', 'odconv_mobilenetv2_050_1x', 'odconv_mobil
             'odconv_mobilenetv2_075_1x', 'odconv_mobilenetv2_100', 'odconv_mobilenetv2_100_1x')
 
 default_cfgs = generate_dynzoo_cfgs({
-    **{f'{m}.in1k': _od_cfg(m, first_conv='conv1', classifier='fc') for m in _OD_RESNETS},
-    **{f'{m}.in1k': _od_cfg(m, first_conv='conv_stem', classifier='classifier') for m in _OD_MBV2},
-    'dyconv_resnet18.in1k': _dy_cfg(),
-    'dyconv_resnet50.in1k': _dy_cfg(),
-    'condconv_resnet18.in1k': _cc_cfg(),
-    'condconv_resnet50.in1k': _cc_cfg(),
+    **{_od_tag(m): _od_cfg(m, **HOST_CFGS['resnet']) for m in _OD_RESNETS},
+    **{_od_tag(m): _od_cfg(m, **HOST_CFGS['mobilenetv2']) for m in _OD_MBV2},
+    'dyconv_resnet18.untrained': _dy_cfg(),
+    'dyconv_resnet50.untrained': _dy_cfg(),
+    'condconv_resnet18.untrained': _cc_cfg(),
+    'condconv_resnet50.untrained': _cc_cfg(),
 })
 
 # What the authors' README (ODConv) and the A2D2C paper's tables print. Tests compare computed counts with these.
@@ -228,110 +201,106 @@ register_model_info('condconv_resnet50', 'condconv', paper_params=189_900_000, p
 @register_model
 def odconv_resnet18(pretrained: bool = False, **kwargs) -> DynamicResNet:
     """ODConv (4x) ResNet-18: the 16 BasicBlock 3x3 convs are ODConv, K=4, r=1/16 (authors' ``od_resnet18``)."""
-    return _create_od_resnet('odconv_resnet18', 18, 4, pretrained, **kwargs)
+    return _create_od('odconv_resnet18', 'resnet18', 4, pretrained, **kwargs)
 
 
 @register_model
 def odconv_resnet18_1x(pretrained: bool = False, **kwargs) -> DynamicResNet:
     """ODConv (1x) ResNet-18: as ``odconv_resnet18`` with one kernel (no kernel attention)."""
-    return _create_od_resnet('odconv_resnet18_1x', 18, 1, pretrained, **kwargs)
+    return _create_od('odconv_resnet18_1x', 'resnet18', 1, pretrained, **kwargs)
 
 
 @register_model
 def odconv_resnet34(pretrained: bool = False, **kwargs) -> DynamicResNet:
     """ODConv (4x) ResNet-34 (built by the authors' code, no checkpoint released)."""
-    return _create_od_resnet('odconv_resnet34', 34, 4, pretrained, **kwargs)
+    return _create_od('odconv_resnet34', 'resnet34', 4, pretrained, **kwargs)
 
 
 @register_model
 def odconv_resnet50(pretrained: bool = False, **kwargs) -> DynamicResNet:
     """ODConv (4x) ResNet-50 v1.5: all 48 bottleneck convs are ODConv, K=4."""
-    return _create_od_resnet('odconv_resnet50', 50, 4, pretrained, **kwargs)
+    return _create_od('odconv_resnet50', 'resnet50', 4, pretrained, **kwargs)
 
 
 @register_model
 def odconv_resnet50_1x(pretrained: bool = False, **kwargs) -> DynamicResNet:
     """ODConv (1x) ResNet-50 v1.5."""
-    return _create_od_resnet('odconv_resnet50_1x', 50, 1, pretrained, **kwargs)
+    return _create_od('odconv_resnet50_1x', 'resnet50', 1, pretrained, **kwargs)
 
 
 @register_model
 def odconv_resnet101(pretrained: bool = False, **kwargs) -> DynamicResNet:
     """ODConv (4x) ResNet-101 (the authors released 1x and 2x only: ``odconv_resnet101_1x`` / ``_2x``)."""
-    return _create_od_resnet('odconv_resnet101', 101, 4, pretrained, **kwargs)
+    return _create_od('odconv_resnet101', 'resnet101', 4, pretrained, **kwargs)
 
 
 @register_model
 def odconv_resnet101_1x(pretrained: bool = False, **kwargs) -> DynamicResNet:
     """ODConv (1x) ResNet-101."""
-    return _create_od_resnet('odconv_resnet101_1x', 101, 1, pretrained, **kwargs)
+    return _create_od('odconv_resnet101_1x', 'resnet101', 1, pretrained, **kwargs)
 
 
 @register_model
 def odconv_resnet101_2x(pretrained: bool = False, **kwargs) -> DynamicResNet:
     """ODConv (2x) ResNet-101."""
-    return _create_od_resnet('odconv_resnet101_2x', 101, 2, pretrained, **kwargs)
+    return _create_od('odconv_resnet101_2x', 'resnet101', 2, pretrained, **kwargs)
 
 
 @register_model
 def odconv_mobilenetv2_050(pretrained: bool = False, **kwargs) -> DynamicMobileNetV2:
     """ODConv (4x) MobileNetV2 x0.5: every conv after the stem (pw, dw, pw-linear, final 1x1) is ODConv."""
-    return _create_od_mobilenetv2('odconv_mobilenetv2_050', 0.5, 4, pretrained, **kwargs)
+    return _create_od('odconv_mobilenetv2_050', 'mobilenetv2_050', 4, pretrained, **kwargs)
 
 
 @register_model
 def odconv_mobilenetv2_050_1x(pretrained: bool = False, **kwargs) -> DynamicMobileNetV2:
     """ODConv (1x) MobileNetV2 x0.5."""
-    return _create_od_mobilenetv2('odconv_mobilenetv2_050_1x', 0.5, 1, pretrained, **kwargs)
+    return _create_od('odconv_mobilenetv2_050_1x', 'mobilenetv2_050', 1, pretrained, **kwargs)
 
 
 @register_model
 def odconv_mobilenetv2_075(pretrained: bool = False, **kwargs) -> DynamicMobileNetV2:
     """ODConv (4x) MobileNetV2 x0.75."""
-    return _create_od_mobilenetv2('odconv_mobilenetv2_075', 0.75, 4, pretrained, **kwargs)
+    return _create_od('odconv_mobilenetv2_075', 'mobilenetv2_075', 4, pretrained, **kwargs)
 
 
 @register_model
 def odconv_mobilenetv2_075_1x(pretrained: bool = False, **kwargs) -> DynamicMobileNetV2:
     """ODConv (1x) MobileNetV2 x0.75."""
-    return _create_od_mobilenetv2('odconv_mobilenetv2_075_1x', 0.75, 1, pretrained, **kwargs)
+    return _create_od('odconv_mobilenetv2_075_1x', 'mobilenetv2_075', 1, pretrained, **kwargs)
 
 
 @register_model
 def odconv_mobilenetv2_100(pretrained: bool = False, **kwargs) -> DynamicMobileNetV2:
     """ODConv (4x) MobileNetV2 x1.0."""
-    return _create_od_mobilenetv2('odconv_mobilenetv2_100', 1.0, 4, pretrained, **kwargs)
+    return _create_od('odconv_mobilenetv2_100', 'mobilenetv2_100', 4, pretrained, **kwargs)
 
 
 @register_model
 def odconv_mobilenetv2_100_1x(pretrained: bool = False, **kwargs) -> DynamicMobileNetV2:
     """ODConv (1x) MobileNetV2 x1.0."""
-    return _create_od_mobilenetv2('odconv_mobilenetv2_100_1x', 1.0, 1, pretrained, **kwargs)
+    return _create_od('odconv_mobilenetv2_100_1x', 'mobilenetv2_100', 1, pretrained, **kwargs)
 
 
 @register_model
 def dyconv_resnet18(pretrained: bool = False, **kwargs) -> DynamicResNet:
     """DynamicConv ResNet-18: every conv but the stem is a DynamicConv (K=4, softmax attention, temperature)."""
-    return _create_resnet('dyconv_resnet18', 18, DynamicConv2d, _DYCONV_ARGS, dict(num_kernels=4, bias=False),
-                          _all_but_stem, pretrained, **kwargs)
+    return _create_baseline('dyconv_resnet18', 'resnet18', DynamicConv2d, _DYCONV_ARGS, pretrained, **kwargs)
 
 
 @register_model
 def dyconv_resnet50(pretrained: bool = False, **kwargs) -> DynamicResNet:
     """DynamicConv ResNet-50 v1.5: every conv but the stem is a DynamicConv (K=4)."""
-    return _create_resnet('dyconv_resnet50', 50, DynamicConv2d, _DYCONV_ARGS, dict(num_kernels=4, bias=False),
-                          _all_but_stem, pretrained, **kwargs)
+    return _create_baseline('dyconv_resnet50', 'resnet50', DynamicConv2d, _DYCONV_ARGS, pretrained, **kwargs)
 
 
 @register_model
 def condconv_resnet18(pretrained: bool = False, **kwargs) -> DynamicResNet:
     """CondConv ResNet-18: every conv but the stem is a CondConv (K=8 experts, sigmoid routing)."""
-    return _create_resnet('condconv_resnet18', 18, CondConv2d, _CONDCONV_ARGS, dict(num_kernels=8, bias=False),
-                          _all_but_stem, pretrained, **kwargs)
+    return _create_baseline('condconv_resnet18', 'resnet18', RoutedCondConv2d, _CONDCONV_ARGS, pretrained, **kwargs)
 
 
 @register_model
 def condconv_resnet50(pretrained: bool = False, **kwargs) -> DynamicResNet:
     """CondConv ResNet-50 v1.5: every conv but the stem is a CondConv (K=8 experts)."""
-    return _create_resnet('condconv_resnet50', 50, CondConv2d, _CONDCONV_ARGS, dict(num_kernels=8, bias=False),
-                          _all_but_stem, pretrained, **kwargs)
+    return _create_baseline('condconv_resnet50', 'resnet50', RoutedCondConv2d, _CONDCONV_ARGS, pretrained, **kwargs)

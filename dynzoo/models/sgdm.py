@@ -3,7 +3,7 @@
 Paper: W. Xing, Z. Cui, J. Qi, "SGDM: Static-Guided Dynamic Module Make Stronger Visual Models" (Hebei
 University). The paper evaluates SGDM only in YOLO detectors, inserted in the *neck* right before the Detect head
 (§4.1); it reports no classification result and publishes neither code nor weights. These timm models are
-architectural offerings (dynzoo spec ``sgdm.md`` §4, all [PROPOSED]): SGDM sits at the *backbone* stage outputs,
+dynzoo's architectural offerings, not the paper's: SGDM sits at the *backbone* stage outputs,
 where a detector takes P3/P4/P5, so ``features_only=True`` gives SGDM-refined P3/P4/P5 maps (strides 8/16/32) for a
 YOLO / FPN neck (``docs/sgdm.md``). ``pretrained=True`` raises: no checkpoint exists.
 
@@ -15,8 +15,10 @@ YOLO / FPN neck (``docs/sgdm.md``). ``pretrained=True`` raises: no checkpoint ex
 * ``sgdm_resnet18`` -- timm's ``resnet18`` with ``sgdm2``/``sgdm3``/``sgdm4`` after ``layer2``/``layer3``/``layer4``
   (a plain resnet18 state dict loads with ``strict=False``, only the SGDM keys missing).
 
-Reparameterize for inference with ``timm.utils.reparameterize_model`` (each :class:`~dynzoo.layers.sgdm.SGDM` folds
-its static guide and BNs in place; the host's own conv+BN pairs are left as they are).
+Inference form (timm's ``reparameterize_model`` / ``dynzoo.reparameterize``, or built directly with
+``inference_mode=True``): every Ultralytics ``Conv`` (:class:`~dynzoo.models.dmf.RepConvNormAct`) and ResNet block
+folds its own BNs, each :class:`~dynzoo.layers.sgdm.SGDM` its static guide and BNs; the ResNet stem's root-level
+``conv1`` / ``bn1`` stay as they are (an eval BN is exact; timm's walker does not visit the root module).
 """
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -24,17 +26,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from timm.layers import ConvNormAct, SelectAdaptivePool2d, get_device_dtype
+from timm.layers import SelectAdaptivePool2d, get_device_dtype
 from timm.models import ResNet, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
-from timm.models.resnet import BasicBlock
 
 from dynzoo.models import _hub as hub
 from dynzoo.layers.sgdm import SGDM
-from dynzoo.models._reparam import fold_batchnorm
 from ._builder import build_dynzoo_model, dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
-from ._hosts import _make_blocks_reparameterizable
+from ._hosts import ReparamBasicBlock
+from .dmf import RepConvNormAct
 
 __all__ = ['SGDMCSPDarknet', 'SGDMResNet', 'C2f', 'SPPF', 'CSPDarknetStage', 'YoloClassifyHead',
            'checkpoint_filter_fn']
@@ -48,16 +49,11 @@ register_family('sgdm', paper=_PAPER, paper_ids=_PAPER_IDS)
 _yolo_norm = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.03)
 
 
-def _yolo_conv(in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, **dd) -> ConvNormAct:
-    return ConvNormAct(in_chs, out_chs, kernel_size, stride=stride, norm_layer=_yolo_norm, act_layer='silu', **dd)
-
-
-def _fold_conv_norm_acts(module: nn.Module) -> None:
-    """Fold the BN of every ``ConvNormAct`` inside ``module`` into its conv (the SiLU stays). SGDMs hold no
-    ``ConvNormAct``: they fold themselves (``SGDM.reparameterize``)."""
-    for m in module.modules():
-        if isinstance(m, ConvNormAct):
-            fold_batchnorm(m, 'conv', 'bn')
+def _yolo_conv(in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, inference_mode: bool = False,
+               **dd) -> RepConvNormAct:
+    return RepConvNormAct(
+        in_chs, out_chs, kernel_size, stride=stride, norm_layer=_yolo_norm, act_layer='silu',
+        inference_mode=inference_mode, **dd)
 
 
 def _sgdm_args(split_ratio: float, razor_ratio: float, num_kernels: int, spatial_kernel: int,
@@ -69,11 +65,11 @@ def _sgdm_args(split_ratio: float, razor_ratio: float, num_kernels: int, spatial
 class C2fBottleneck(nn.Module):
     """YOLOv8 bottleneck inside C2f: ``x + Conv3x3(Conv3x3(x))`` (width kept, expansion 1)."""
 
-    def __init__(self, channels: int, shortcut: bool = True, device=None, dtype=None):
+    def __init__(self, channels: int, shortcut: bool = True, inference_mode: bool = False, device=None, dtype=None):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.conv1 = _yolo_conv(channels, channels, 3, **dd)
-        self.conv2 = _yolo_conv(channels, channels, 3, **dd)
+        self.conv1 = _yolo_conv(channels, channels, 3, inference_mode=inference_mode, **dd)
+        self.conv2 = _yolo_conv(channels, channels, 3, inference_mode=inference_mode, **dd)
         self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,9 +81,10 @@ class C2f(nn.Module):
     """YOLOv8's CSP block with 2 convs: 1x1 to ``2h`` -> chunk -> ``n`` bottlenecks each on the last chunk ->
     concat all ``(2 + n) h`` channels -> 1x1 to ``out`` (``h = out / 2``)."""
 
-    def __init__(self, in_chs: int, out_chs: int, depth: int = 1, shortcut: bool = True, device=None, dtype=None):
+    def __init__(self, in_chs: int, out_chs: int, depth: int = 1, shortcut: bool = True, inference_mode: bool = False,
+                 device=None, dtype=None):
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd = {'device': device, 'dtype': dtype, 'inference_mode': inference_mode}
         self.hidden = out_chs // 2
         self.conv_split = _yolo_conv(in_chs, 2 * self.hidden, 1, **dd)
         self.blocks = nn.ModuleList([C2fBottleneck(self.hidden, shortcut, **dd) for _ in range(depth)])
@@ -104,9 +101,9 @@ class C2f(nn.Module):
 class SPPF(nn.Module):
     """YOLOv5/8 spatial pyramid pooling (fast): 1x1 to ``c/2`` -> 3 chained ``k x k`` max-pools -> concat -> 1x1."""
 
-    def __init__(self, channels: int, kernel_size: int = 5, device=None, dtype=None):
+    def __init__(self, channels: int, kernel_size: int = 5, inference_mode: bool = False, device=None, dtype=None):
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd = {'device': device, 'dtype': dtype, 'inference_mode': inference_mode}
         hidden = channels // 2
         self.conv1 = _yolo_conv(channels, hidden, 1, **dd)
         self.pool = nn.MaxPool2d(kernel_size, stride=1, padding=kernel_size // 2)
@@ -129,11 +126,12 @@ class CSPDarknetStage(nn.Module):
             depth: int,
             sgdm_args: Optional[Dict[str, Any]] = None,
             sppf: bool = False,
+            inference_mode: bool = False,
             device=None,
             dtype=None,
     ):
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd = {'device': device, 'dtype': dtype, 'inference_mode': inference_mode}
         self.downsample = _yolo_conv(in_chs, out_chs, 3, stride=2, **dd)
         self.c2f = C2f(out_chs, out_chs, depth, shortcut=True, **dd)
         self.sppf = SPPF(out_chs, **dd) if sppf else nn.Identity()
@@ -141,12 +139,6 @@ class CSPDarknetStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.sgdm(self.sppf(self.c2f(self.downsample(x))))
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold the host convs' BNs (downsample, C2f, SPPF); the SGDM reparameterizes itself (visited next)."""
-        for part in (self.downsample, self.c2f, self.sppf):
-            _fold_conv_norm_acts(part)
 
 
 class YoloClassifyHead(nn.Module):
@@ -164,6 +156,7 @@ class YoloClassifyHead(nn.Module):
             num_classes: int = 1000,
             pool_type: str = 'avg',
             drop_rate: float = 0.0,
+            inference_mode: bool = False,
             device=None,
             dtype=None,
     ):
@@ -172,7 +165,7 @@ class YoloClassifyHead(nn.Module):
         self.in_features = in_features
         self.hidden_size = hidden_size
         self.pool_type = pool_type
-        self.conv = _yolo_conv(in_features, hidden_size, 1, **dd)
+        self.conv = _yolo_conv(in_features, hidden_size, 1, inference_mode=inference_mode, **dd)
         self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
         self.pre_logits_size = hidden_size * self.global_pool.feat_mult()
         self.drop = nn.Dropout(drop_rate)
@@ -196,11 +189,6 @@ class YoloClassifyHead(nn.Module):
         else:
             self.fc = nn.Identity()
 
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold the 1x1 conv's BN into it."""
-        _fold_conv_norm_acts(self.conv)
-
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(self.conv(x))
         x = self.drop(x)
@@ -217,6 +205,7 @@ class SGDMCSPDarknet(nn.Module):
         sppf: append the detection backbone's SPPF to P5 (before its SGDM).
         head_hidden_size: width of the Classify head's 1x1 conv (Ultralytics: 1280).
         split_ratio, razor_ratio, num_kernels, spatial_kernel, strategy: forwarded to every :class:`SGDM`.
+        inference_mode: build the inference form directly (folded BNs, SGDM guides stored).
     """
 
     def __init__(
@@ -235,6 +224,7 @@ class SGDMCSPDarknet(nn.Module):
             num_kernels: int = 4,
             spatial_kernel: int = 15,
             strategy: str = 'auto',
+            inference_mode: bool = False,
             device=None,
             dtype=None,
     ):
@@ -250,7 +240,7 @@ class SGDMCSPDarknet(nn.Module):
         self.grad_checkpointing = False
         sgdm_args = _sgdm_args(split_ratio, razor_ratio, num_kernels, spatial_kernel, strategy)
 
-        self.stem = _yolo_conv(in_chans, widths[0], 3, stride=2, **dd)
+        self.stem = _yolo_conv(in_chans, widths[0], 3, stride=2, inference_mode=inference_mode, **dd)
         self.feature_info = [dict(num_chs=widths[0], reduction=2, module='stem')]
         stages = []
         for i in range(4):
@@ -258,11 +248,13 @@ class SGDMCSPDarknet(nn.Module):
             stages.append(CSPDarknetStage(
                 widths[i], widths[i + 1], depths[i],
                 sgdm_args=sgdm_args if level in sgdm_levels else None,
-                sppf=sppf and level == 4, **dd))
+                sppf=sppf and level == 4, inference_mode=inference_mode, **dd))
             self.feature_info.append(dict(num_chs=widths[i + 1], reduction=2 ** (level + 1), module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
         self.num_features = widths[-1]
-        self.head = YoloClassifyHead(self.num_features, head_hidden_size, num_classes, global_pool, drop_rate, **dd)
+        self.head = YoloClassifyHead(
+            self.num_features, head_hidden_size, num_classes, global_pool, drop_rate, inference_mode=inference_mode,
+            **dd)
         self.head_hidden_size = self.head.pre_logits_size
 
     @torch.jit.ignore
@@ -355,12 +347,6 @@ class SGDMCSPDarknet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold the stem BN; stages, head and SGDMs fold their own (``dynzoo.reparameterize`` walks the whole
-        model, root included; ``timm.utils.reparameterize_model`` skips the root, leaving the stem BN)."""
-        _fold_conv_norm_acts(self.stem)
-
 
 class SGDMResNet(ResNet):
     """timm ``ResNet`` with an :class:`SGDM` after the chosen stages (``sgdm2``..``sgdm4`` after ``layer2``..``4``).
@@ -372,7 +358,10 @@ class SGDMResNet(ResNet):
     Args:
         sgdm_stages: ResNet stages (1..4) followed by an SGDM; default ``(2, 3, 4)`` (P3, P4, P5).
         split_ratio, razor_ratio, num_kernels, spatial_kernel, strategy: forwarded to every :class:`SGDM`.
-        **kwargs: timm ``ResNet`` arguments (``block``, ``layers``, ``num_classes``, ``output_stride``, ...).
+        inference_mode: build the inference form directly (blocks with folded BNs, SGDM guides stored; the
+            root-level stem ``conv1`` / ``bn1`` stays a conv + BN in both forms).
+        **kwargs: timm ``ResNet`` arguments (``block``, ``layers``, ``num_classes``, ``output_stride``, ...); the
+            block class must accept ``inference_mode`` (dynzoo's reparameterizable ResNet blocks do).
     """
 
     def __init__(
@@ -383,14 +372,16 @@ class SGDMResNet(ResNet):
             num_kernels: int = 4,
             spatial_kernel: int = 15,
             strategy: str = 'auto',
+            inference_mode: bool = False,
             device=None,
             dtype=None,
             **kwargs,
     ):
-        super().__init__(device=device, dtype=dtype, **kwargs)
+        block_args = dict(kwargs.pop('block_args', None) or {}, inference_mode=inference_mode)
+        super().__init__(block_args=block_args, device=device, dtype=dtype, **kwargs)
         if any(stage not in (1, 2, 3, 4) for stage in sgdm_stages):
             raise ValueError(f'sgdm_stages must be in 1..4, got {tuple(sgdm_stages)}')
-        dd = {'device': device, 'dtype': dtype}
+        dd = {'device': device, 'dtype': dtype, 'inference_mode': inference_mode}
         sgdm_args = _sgdm_args(split_ratio, razor_ratio, num_kernels, spatial_kernel, strategy)
         # re-register the tail in execution order: layerN, sgdmN, ..., global_pool, fc
         tail = {name: getattr(self, name) for name in ('layer1', 'layer2', 'layer3', 'layer4', 'global_pool', 'fc')}
@@ -405,12 +396,6 @@ class SGDMResNet(ResNet):
                 self.feature_info[stage]['module'] = f'sgdm{stage}'
         self.global_pool = tail['global_pool']
         self.fc = tail['fc']
-        _make_blocks_reparameterizable(self)
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold the stem BN; blocks and SGDMs fold their own (as the dynamic_resnet hosts)."""
-        fold_batchnorm(self, 'conv1', 'bn1')
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -535,14 +520,14 @@ _cspdarknet_cfg = partial(
 _resnet_cfg = partial(_cfg, first_conv='conv1', classifier='fc')
 
 default_cfgs = generate_dynzoo_cfgs({
-    'sgdm_cspdarknet_n.in1k': _cspdarknet_cfg(),
-    'sgdm_cspdarknet_s.in1k': _cspdarknet_cfg(),
-    'sgdm_resnet18.in1k': _resnet_cfg(),
+    'sgdm_cspdarknet_n.untrained': _cspdarknet_cfg(),
+    'sgdm_cspdarknet_s.untrained': _cspdarknet_cfg(),
+    'sgdm_resnet18.untrained': _resnet_cfg(),
 })
 
 # The paper's own numbers concern YOLO detectors (neck SGDM), not these classifiers: none apply here.
 _SOURCE = ('no paper numbers for this classifier; paper: YOLOv8n +SGDM 3.1M -> 3.3M (Tables 2, 3, 5), abstract '
-           'claims +0.19M on YOLOv8n and +0.33M on YOLOv5n; dynzoo spec formula: +147,740 at n scale')
+           'claims +0.19M on YOLOv8n and +0.33M on YOLOv5n; closed form (sgdm_num_params): +147,740 at n scale')
 register_model_info('sgdm_cspdarknet_n', 'sgdm', paper_params=None, paper_macs=None, source=_SOURCE)
 register_model_info('sgdm_cspdarknet_s', 'sgdm', paper_params=None, paper_macs=None,
                     source='no paper numbers for this classifier; paper: YOLOv8s +SGDM 11.2M -> 11.8M (Table 2)')
@@ -567,5 +552,5 @@ def sgdm_cspdarknet_s(pretrained: bool = False, **kwargs) -> SGDMCSPDarknet:
 @register_model
 def sgdm_resnet18(pretrained: bool = False, **kwargs) -> SGDMResNet:
     """timm resnet18 with SGDM(128/256/512) after layer2/layer3/layer4."""
-    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2))
+    model_args = dict(block=ReparamBasicBlock, layers=(2, 2, 2, 2))
     return _create_resnet('sgdm_resnet18', pretrained, **dict(model_args, **kwargs))

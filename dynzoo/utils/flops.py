@@ -9,15 +9,17 @@ decomposition, like fvcore's JIT-trace-level counting), so it counts whatever a 
   attention heads (1x1 convs / linears on pooled context);
 * while counting, every dynamic conv runs the ``'grouped'`` strategy (aggregate, then convolve): the computation the
   papers count, independent of the execution strategy the dispatcher would pick (``'dense'`` does ``K`` convs).
+  The count runs on a private copy of the model (:func:`counting_copy`), so it changes nothing another thread sees.
 
 Conventions (``convention=``), one multiply-add = one MAC, counted per image at batch 1 by default:
 
 * ``'macs'`` (default) -- conv, linear and matrix products (``mm``, ``bmm``, ``matmul``, ``addmm``, ``baddbmm``,
   ``einsum``, ``scaled_dot_product_attention`` as its two products), plus, inside a dynamic conv
   (:class:`~dynzoo.layers.dynamic.DynamicConv2dBase`) only, its context pooling (1 per input element) and its
-  tensor-tensor multiplications (1 per output element: the input/output attention scalings). This is the
-  FMDConv spec's §1.7 convention (static conv + GAP + attention FCs + aggregation + input/output scaling); for a
-  static CNN it is the usual conv+linear MAC count (ResNet-18 1.814 G).
+  tensor-tensor multiplications (1 per output element: the input/output attention scalings). This is dynzoo's
+  convention for a dynamic conv (static conv + GAP + attention FCs + kernel aggregation + input/output scaling;
+  the FMDConv paper reports no FLOPs of its own models); for a static CNN it is the usual conv+linear MAC count
+  (ResNet-18 1.814 G).
 * ``'fvcore'`` -- fvcore's ``FlopCountAnalysis`` rules (AttNet's and DMF's papers count with it): conv, linear and
   matrix products as MACs, ``batch_norm`` 2 per element in eval / 5 in training mode (1 / 4 without affine),
   ``layer_norm``/``group_norm``/``instance_norm`` 5 per element (4 without affine), ``adaptive_avg_pool2d`` 1 per
@@ -25,21 +27,30 @@ Conventions (``convention=``), one multiply-add = one MAC, counted per image at 
   re-implementation counts like the original); element-wise ops, activations, ``adaptive_avg_pool1d`` and other
   means are not counted.
 * ``'conv_linear'`` -- conv, linear and matrix products only.
+
+Threads: :func:`count_macs`, :func:`count_model` and :func:`count_params` are thread-safe, also while other threads
+run the same model: counting reads the model's tensors and writes nothing (not its mode, hooks, layer strategies
+or BatchNorm statistics, nor the process-wide default strategy), and the counting mode is a ``TorchFunctionMode``,
+whose stack is per thread. Not thread-safe -- the caller serialises them against any forward of the model:
+``dynzoo.set_temperature`` (it writes the temperature buffers a forward reads), assigning a layer's ``strategy``,
+``dynzoo.reparameterize(model, inplace=True)``, ``model.train()`` / ``eval()``, and
+:func:`dynzoo.layers.set_default_strategy`, which is process-wide state that every layer built with
+``strategy='auto'`` reads. A count in training mode draws dropout / drop-path masks from torch's global generator.
 """
-import contextlib
+import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from dynzoo.layers.dynamic import DynamicConv2dBase, set_default_strategy, get_default_strategy
+from dynzoo.layers.dynamic import DynamicConv2dBase
 
 __all__ = ['CONVENTIONS', 'FlopCount', 'count_params', 'count_macs', 'count_model', 'MacCounterMode',
-           'pinned_strategy']
+           'counting_copy']
 
 CONVENTIONS = ('macs', 'fvcore', 'conv_linear')
 
@@ -171,7 +182,7 @@ _CONV_LINEAR: Dict[Callable, Callable] = {
 }
 
 # counted only inside a dynamic conv (DynamicConv2dBase) under the 'macs' convention: its context pooling and its
-# attention scalings (FMDConv spec §1.7); a network's classifier pooling is not counted
+# attention scalings (see the module docstring); a network's classifier pooling is not counted
 _DYNAMIC_ONLY: Dict[Callable, Callable] = {
     F.adaptive_avg_pool2d: _pool_macs, F.adaptive_avg_pool1d: _pool_macs,
     torch.mean: _spatial_mean_macs, torch.Tensor.mean: _spatial_mean_macs,
@@ -224,20 +235,19 @@ class MacCounterMode(TorchFunctionMode):
         return out
 
 
-@contextlib.contextmanager
-def pinned_strategy(model: nn.Module, strategy: str = 'grouped') -> Iterator[nn.Module]:
-    """Run every dynamic conv of ``model`` with ``strategy`` inside the block (restored on exit)."""
-    saved = {m: m.strategy for m in model.modules() if isinstance(m, DynamicConv2dBase)}
-    saved_default = get_default_strategy()
-    try:
-        for m in saved:
+def counting_copy(model: nn.Module, strategy: str = 'grouped') -> nn.Module:
+    """A copy of ``model`` whose dynamic convs run ``strategy``, sharing the model's parameters (no weight copy).
+
+    Modules, buffers, hooks and attributes are the copy's own, so running it (in training mode too, which updates
+    BatchNorm statistics) changes nothing that ``model`` or another thread sees. Every dynamic conv gets its own
+    ``strategy``, so the process-wide default of :func:`dynzoo.layers.set_default_strategy` is not read.
+    """
+    memo = {id(p): p for p in model.parameters()}
+    clone = copy.deepcopy(model, memo)
+    for m in clone.modules():
+        if isinstance(m, DynamicConv2dBase):
             m.strategy = strategy
-        set_default_strategy(strategy)
-        yield model
-    finally:
-        for m, s in saved.items():
-            m.strategy = s
-        set_default_strategy(saved_default)
+    return clone
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -269,7 +279,8 @@ def count_macs(
     """MACs of one forward pass per image (batch 1 unless ``inputs`` is given, then divided by its batch size).
 
     ``train_mode=True`` counts with the model in training mode (how AttNet's official script calls fvcore; only
-    the fvcore convention's BN rule depends on it). The model's mode is restored.
+    the fvcore convention's BN rule depends on it). The count runs on :func:`counting_copy`: the model itself, its
+    mode and its BatchNorm statistics are left as they are.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f'unknown convention {convention!r}; expected one of {CONVENTIONS}')
@@ -277,9 +288,9 @@ def count_macs(
         p = next(iter(model.parameters()), None)
         dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
         device = p.device if p is not None else torch.device('cpu')
-        inputs = torch.randn((1,) + tuple(input_size), dtype=dtype, device=device)
-    was_training = model.training
-    model.train(train_mode)
+        generator = torch.Generator(device).manual_seed(0)  # not the global generator other threads draw from
+        inputs = torch.randn((1,) + tuple(input_size), dtype=dtype, device=device, generator=generator)
+    clone = counting_copy(model, 'grouped').train(train_mode)
     mode = MacCounterMode(convention)
 
     def enter(*_):
@@ -288,25 +299,19 @@ def count_macs(
     def leave(*_):
         mode.dynamic_depth -= 1
 
-    hooks = []
-    for m in model.modules():
+    for m in clone.modules():
         if isinstance(m, DynamicConv2dBase):
-            hooks.append(m.register_forward_pre_hook(enter))
-            hooks.append(m.register_forward_hook(leave))
-    try:
-        with torch.no_grad(), pinned_strategy(model, 'grouped'), mode:
-            if train_mode and inputs.shape[0] == 1:
-                # BatchNorm in training mode needs more than one value per channel (attention trunks on pooled
-                # context): count at batch 2 and halve
-                model(torch.cat([inputs, inputs], 0))
-                batch = 2
-            else:
-                model(inputs)
-                batch = inputs.shape[0]
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+            m.register_forward_pre_hook(enter)
+            m.register_forward_hook(leave)
+    with torch.no_grad(), mode:
+        if train_mode and inputs.shape[0] == 1:
+            # BatchNorm in training mode needs more than one value per channel (attention trunks on pooled
+            # context): count at batch 2 and halve
+            clone(torch.cat([inputs, inputs], 0))
+            batch = 2
+        else:
+            clone(inputs)
+            batch = inputs.shape[0]
     by_op = {k: v // batch for k, v in mode.by_op.items()}
     return mode.total // batch, by_op
 

@@ -5,7 +5,8 @@
 
 The paper replaces psychology's reaction time by the time of one training epoch, and ``N`` is the number of images
 behind one epoch's count: 60,000 for CIFAR-10/100 (train + test) and 1,281,167 for ImageNet (train only), so
-``RCS = N / IES`` exactly (spec §5). ``dynzoo bench`` applies them to measured times with a given accuracy.
+``RCS = N / IES`` exactly (re-derived from the values of Tables 3-7). ``dynzoo bench`` applies them to measured
+times with a given accuracy.
 """
 
 __all__ = ['N_CIFAR', 'N_IMAGENET', 'ies', 'rcs']
