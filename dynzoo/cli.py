@@ -1,7 +1,8 @@
-"""``dynzoo`` command line: ``list | info | report | weights | bench | export | convert | publish``.
+"""The ``dynzoo`` command line, the one entry point: ``dynzoo [--version] VERB ...`` (also ``python -m dynzoo``).
 
-``list``, ``info``, ``report`` and ``weights`` live here; the other verbs are implemented next to the code they
-drive (``dynzoo.tools.bench``, ``dynzoo.tools.export``, ``dynzoo.tools.convert``, ``dynzoo.tools.publish``) and are imported lazily.
+``list``, ``info``, ``report`` and ``weights`` live here; ``train``, ``bench``, ``export``, ``convert`` and
+``publish`` are the tools of :mod:`dynzoo.tools`, each with its own ``main(argv)`` this module delegates to
+(imported lazily, so ``dynzoo list`` does not load the training stack).
 """
 import argparse
 import importlib
@@ -11,9 +12,10 @@ import time
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ['main', 'format_table', 'model_rows', 'param_breakdown']
+__all__ = ['main', 'build_parser', 'format_table', 'model_rows', 'param_breakdown', 'paper_match', 'TOOLS']
 
-_DELEGATED = {
+# verb -> (the dynzoo.tools module whose main(argv) runs it, help line)
+TOOLS = {
     'bench': ('dynzoo.tools.bench', 'measure train/eval speed, memory, params and MACs against static twins'),
     'export': ('dynzoo.tools.export', 'export a model to ONNX or TorchScript'),
     'convert': ('dynzoo.tools.convert', "convert an authors' checkpoint to a dynzoo safetensors file"),
@@ -262,7 +264,9 @@ def _cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dynzoo import __version__
     p = argparse.ArgumentParser(prog='dynzoo', description='dynzoo: dynamic-convolution model zoo for timm')
+    p.add_argument('--version', action='version', version=f'dynzoo {__version__}')
     sub = p.add_subparsers(dest='command', required=True)
     s = sub.add_parser('list', help='every model with family, params (computed vs paper) and weights status')
     s.add_argument('--family', default='', help='only models whose name starts with this')
@@ -281,16 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser('weights', help='list the weights index')
     s.add_argument('--markdown', action='store_true')
     s.set_defaults(func=_cmd_weights)
-    for verb, (_, help_text) in _DELEGATED.items():
+    for verb, (_, help_text) in TOOLS.items():
         sub.add_parser(verb, help=help_text, add_help=False)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in _DELEGATED:
-        module = importlib.import_module(_DELEGATED[argv[0]][0])
-        return int(module.cli_main(argv[1:]) or 0)
+    if argv and argv[0] in TOOLS:
+        module = importlib.import_module(TOOLS[argv[0]][0])
+        return int(module.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -1,8 +1,8 @@
 """Benchmark the per-sample depthwise execution strategies of ATConv on AttNet-T1 shapes.
 
 For every stage of AttNet-T1 at 224x224 (C, H=W) = (48, 56), (96, 28), (224, 14), (384, 7) and batch 1 / 32 it
-times :func:`dynzoo.layers.dynamic.per_sample_depthwise_conv2d` with each strategy (``grouped``: batch folded into
-the conv groups; ``shift``: sum of the 9 shifted taps; ``unfold``: ``F.unfold`` + matmul; ``loop``: one depthwise
+times :func:`dynzoo.layers.per_sample.per_sample_depthwise_conv2d` with each strategy (``grouped``: batch folded into
+the conv groups; ``shift``: sum of the 9 shifted taps; ``gemm``: im2col + one batched matmul; ``loop``: one depthwise
 conv per sample) in eval (forward under ``inference_mode``) and train (forward + backward to input and kernel),
 and the whole ATConv layer with each strategy. Strategies are interleaved round-robin and the median is kept, so
 the printed ratios (time / time of ``grouped``, measured side by side) are robust to a shared, noisy machine.
@@ -15,10 +15,10 @@ import torch
 
 from dynzoo.tools.bench import interleaved_medians
 from dynzoo.layers.atconv import ATConv2d
-from dynzoo.layers.dynamic import per_sample_depthwise_conv2d
+from dynzoo.layers.per_sample import per_sample_depthwise_conv2d
 
 T1_SHAPES = ((48, 56), (96, 28), (224, 14), (384, 7))
-STRATEGIES = ('grouped', 'shift', 'unfold', 'loop')
+STRATEGIES = ('grouped', 'shift', 'gemm', 'loop')
 
 
 def _op_fn(strategy, batch, channels, size, train):

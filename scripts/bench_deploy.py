@@ -38,6 +38,7 @@ import torch
 import timm
 
 import dynzoo
+from dynzoo.layers.fusion import is_batchnorm
 from dynzoo.tools.bench import interleaved_medians
 from dynzoo.tools.export import export_onnx, onnxruntime_session
 
@@ -61,7 +62,7 @@ def one_per_family():
 def calibrate_norms(model, size, batches=2, batch_size=8):
     """Set every BatchNorm's running statistics to those of ``batches`` random batches (cumulative average), so
     the eval-mode activations keep the scale they have in training mode; returns the model in eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in model.modules() if is_batchnorm(m)]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None

@@ -20,8 +20,8 @@ LAYERS = ((64, 56), (128, 28), (256, 14), (512, 7))  # (channels, H = W) of ResN
 
 
 def _run_tiled(x, weight, attn, budget, min_samples):
-    return core._tiled_dynamic_conv2d(x, weight, attn, None, None, None, (1, 1), (1, 1), (1, 1), 1, budget,
-                                      min_samples)
+    return core.tiled_dynamic_conv2d(x, weight, attn, None, None, None, (1, 1), (1, 1), (1, 1), 1, budget,
+                                     min_samples)
 
 
 def bench_layer(channels, size, batch, threads, reps):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Zoo benchmark: dynamic models beside their static twins and timm counterparts (see ``dynzoo/bench.py``).
+"""Zoo benchmark (``dynzoo bench``, :mod:`dynzoo.tools.bench`): dynamic models beside their static counterparts.
 
 Same options as ``dynzoo bench`` (``--help``). The commands that produced BENCHMARKS.md (run from the repository
 root; about 7 and 2 minutes of CPU on an idle 2-core machine, much longer when it is shared):
@@ -12,7 +12,7 @@ root; about 7 and 2 minutes of CPU on an idle 2-core machine, much longer when i
 """
 import sys
 
-from dynzoo.tools.bench import cli_main
+from dynzoo.tools.bench import main
 
 if __name__ == '__main__':
-    sys.exit(cli_main(sys.argv[1:], prog='scripts/benchmark.py'))
+    sys.exit(main(sys.argv[1:], prog='scripts/benchmark.py'))

@@ -5,7 +5,7 @@ Same as ``dynzoo train``; see ``dynzoo.tools.train`` and ``docs/weights.md``.
 """
 import sys
 
-from dynzoo.tools.train import cli_main
+from dynzoo.tools.train import main
 
 if __name__ == '__main__':
-    sys.exit(cli_main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

@@ -241,7 +241,7 @@ def test_temperature_schedule():
 @pytest.mark.parametrize('mode', ['fused', 'sum'])
 @pytest.mark.parametrize('bias', [False, True])
 def test_fuse_bn_keeps_routing(mode, bias):
-    """Folding BN scales every response per channel; the router weight is compensated, so outputs are equal."""
+    """The BN folds into a per-channel map after the mixture; the router still reads the raw responses."""
     torch.manual_seed(9)
     layer = A2D2CConv2d(6, 8, 3, padding=1, bias=bias, num_kernels=3, num_points=6, mode=mode).double()
     with torch.no_grad():
@@ -258,19 +258,27 @@ def test_fuse_bn_keeps_routing(mode, bias):
     positions = torch.randint(0, 49, (3, 6))
     ref_mean = bn(layer(x))
     ref_pos = bn(layer(x, positions))
+    bank = layer.weight.clone()
     layer.fuse_bn(bn)
-    assert layer.post_bias is not None
+    assert layer.post_bias is not None and layer.post_scale is not None
+    assert torch.equal(layer.weight, bank)
     torch.testing.assert_close(layer(x), ref_mean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(layer(x, positions), ref_pos, rtol=1e-10, atol=1e-10)
 
 
-def test_fuse_bn_refuses_zero_gamma():
-    layer = A2D2CConv2d(4, 4, 3, padding=1).eval()
-    bn = nn.BatchNorm2d(4).eval()
+def test_fuse_bn_zero_gamma_is_exact():
+    """A zero BN gamma (timm's zero_init_last) folds exactly: that channel becomes the constant BN shift."""
+    torch.manual_seed(3)
+    layer = A2D2CConv2d(4, 4, 3, padding=1).double().eval()
+    bn = nn.BatchNorm2d(4).double().eval()
     with torch.no_grad():
         bn.weight[1] = 0.0
-    with pytest.raises(ValueError, match='zero scale'):
-        layer.fuse_bn(bn)
+        bn.bias.normal_()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    ref = bn(layer(x))
+    layer.fuse_bn(bn)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-10, atol=1e-10)
+    assert torch.all(layer(x)[:, 1] == bn.bias[1])
 
 
 def test_bad_inputs_and_config():

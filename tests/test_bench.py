@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dynzoo  # noqa: F401
-from dynzoo.tools.bench import cli_main, set_cpu_allocator, static_twin, timm_counterpart
+from dynzoo.tools.bench import main, set_cpu_allocator, static_twin, timm_counterpart
 from dynzoo.utils.flops import count_params
 from dynzoo.layers.dynamic import DynamicConv2dBase, get_default_strategy
 from dynzoo.utils.metrics import N_IMAGENET
@@ -45,7 +45,7 @@ def test_timm_counterpart(name, static):
 
 def test_cli_end_to_end(tmp_path):
     out = tmp_path / 'bench'
-    rc = cli_main(['fmdconv_resnet18', '--batch-sizes', '2', '--train-batch-sizes', '2', '--img-size', '32',
+    rc = main(['fmdconv_resnet18', '--batch-sizes', '2', '--train-batch-sizes', '2', '--img-size', '32',
                    '--repeats', '1', '--threads', '1', '--timer', 'cpu', '--no-timm', '--quiet',
                    '--accuracy', 'fmdconv_resnet18=73.21', '--allocator', 'default', '--out', str(out)])
     assert rc == 0

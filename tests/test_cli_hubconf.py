@@ -26,7 +26,7 @@ def test_list_shows_every_model_with_computed_params(capsys):
 def test_info_breaks_parameters_down(capsys):
     assert main(['info', 'fmdconv_resnet18']) == 0
     out = capsys.readouterr().out
-    assert 'kernel_banks' in out and 'layer4' in out and 'fmdconv_resnet18.in1k' in out
+    assert 'kernel_banks' in out and 'layer4' in out and 'fmdconv_resnet18.untrained' in out  # no weights exist
     # the per-part rows add up to the model's total
     rows = [l.split() for l in out.splitlines() if l.startswith(('conv1 ', 'bn1 ', 'layer', 'fc '))]
     assert sum(int(r[1].replace(',', '')) for r in rows) == 45_203_400
@@ -61,11 +61,26 @@ def test_weights_lists_the_index(capsys):
     assert 'weights index:' in out
 
 
-def test_console_script_runs():
-    r = subprocess.run([sys.executable, '-m', 'dynzoo.cli', 'list', '--family', 'fmdconv_mobilenetv2_050'],
+def test_python_m_dynzoo_runs():
+    r = subprocess.run([sys.executable, '-m', 'dynzoo', 'list', '--family', 'fmdconv_mobilenetv2_050'],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert 'fmdconv_mobilenetv2_050' in r.stdout
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(['--version'])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f'dynzoo {dynzoo.__version__}'
+
+
+def test_every_tool_verb_delegates_to_its_main(capsys):
+    """``dynzoo VERB ...`` is ``dynzoo.tools.VERB.main([...])``: each tool's own parser answers ``--help``."""
+    from dynzoo.cli import TOOLS
+    for verb in TOOLS:
+        with pytest.raises(SystemExit) as e:
+            main([verb, '--help'])
+        assert e.value.code == 0 and f'dynzoo {verb}' in capsys.readouterr().out, verb
 
 
 def test_format_table_aligns_columns():

@@ -12,16 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import timm
-from safetensors.torch import load_file
 
 import dynzoo
 from dynzoo.models import _hub as hub
 from dynzoo.tools.publish import ENTRY_NAME, validate_entry, validate_index
+from conftest import official_fixture
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get('DYNZOO_FIXTURES', REPO.parent / 'shared' / 'fixtures' / 'official'))
-if not FIXTURES.is_dir():
-    FIXTURES = Path('/work/shared/fixtures/official')
 
 # the short digits run: AttNet-XXS, 32x32, 2 epochs of the 1,437 training images (the full recipe runs 6)
 DIGITS_ACCURACY_BAR = 80.0  # % top-1 on the 360 validation images; chance is 10%
@@ -30,9 +27,9 @@ HUB_REPO = 'dynzoo/attnet_xxs.digits'
 
 @pytest.fixture(scope='module')
 def digits_run(tmp_path_factory):
-    from dynzoo.tools.train import cli_main
+    from dynzoo.tools.train import main
     out = tmp_path_factory.mktemp('digits') / 'run'
-    assert cli_main(['--config', 'attnet_xxs_digits', '--epochs', '2', '--warmup-epochs', '0', '--output', str(out),
+    assert main(['--config', 'attnet_xxs_digits', '--epochs', '2', '--warmup-epochs', '0', '--output', str(out),
                      '--threads', '1', '--no-progress']) == 0
     return out, json.loads((out / 'results.json').read_text())
 
@@ -48,10 +45,10 @@ def test_digits_finetune_reaches_accuracy(digits_run):
 
 @pytest.fixture(scope='module')
 def published_folder(digits_run, tmp_path_factory):
-    from dynzoo.tools.publish import cli_main
+    from dynzoo.tools.publish import main
     out, results = digits_run
     folder = tmp_path_factory.mktemp('hub') / 'attnet_xxs.digits'
-    assert cli_main(['--train-dir', str(out), '--out', str(folder), '--repo-id', HUB_REPO, '--dry-run']) == 0
+    assert main(['--train-dir', str(out), '--out', str(folder), '--repo-id', HUB_REPO, '--dry-run']) == 0
     return folder
 
 
@@ -217,11 +214,11 @@ class _FakeHfApi:
 
 def test_publish_pushes_with_hfapi_and_records_revision(published_folder, tmp_path, monkeypatch):
     import huggingface_hub
-    from dynzoo.tools.publish import cli_main
+    from dynzoo.tools.publish import main
     monkeypatch.setattr(huggingface_hub, 'HfApi', _FakeHfApi)
     _FakeHfApi.calls = []
     index = tmp_path / 'index.json'
-    assert cli_main(['--folder', str(published_folder), '--index', str(index), '--endpoint', 'http://hub.test']) == 0
+    assert main(['--folder', str(published_folder), '--index', str(index), '--endpoint', 'http://hub.test']) == 0
     assert _FakeHfApi.calls[0] == ('init', 'http://hub.test')
     assert ('create_repo', HUB_REPO, True) in _FakeHfApi.calls
     upload = next(c for c in _FakeHfApi.calls if c[0] == 'upload_folder')
@@ -247,13 +244,6 @@ def test_publish_refuses_modified_weights(published_folder, tmp_path):
 # authors' checkpoints -> dynzoo safetensors (parity fixtures)
 
 
-def _authors_state_dict(fixture):
-    data = load_file(str(fixture))
-    sd = {k[2:]: v.float() * data['scale.' + k[2:]] for k, v in data.items() if k.startswith('q.')}
-    sd.update({k[4:]: v for k, v in data.items() if k.startswith('raw.')})
-    return sd, data['input'], data['logits']
-
-
 def _container(name, sd, use_ema=False):
     """The checkpoint layout each authors' training script writes (fixture .json, checkpoint_container)."""
     if name.startswith('fmdconv'):  # FMDConv main.py: DDP state dict under 'state_dict'
@@ -271,15 +261,14 @@ def test_convert_authors_checkpoint(name, use_ema, tmp_path):
     """`dynzoo convert` on the authors' container of each parity fixture: the safetensors it writes reproduces
     the authors' logits; the entry holds sha256, size and the source release."""
     assert timm.is_model(name), f'{name} is not registered'
-    from dynzoo.tools.convert import cli_main
-    meta = json.loads((FIXTURES / f'{name}.official.json').read_text())
-    sd, x, logits = _authors_state_dict(FIXTURES / f'{name}.official.safetensors')
+    from dynzoo.tools.convert import main
+    sd, x, logits, meta = official_fixture(name)
     ckpt = tmp_path / 'authors.pth'
     torch.save(_container(name, sd, use_ema), ckpt)
     out = tmp_path / 'converted'
     argv = ['--model', name, '--checkpoint', str(ckpt), '--out', str(out), '--source-repo', meta['source_repo'],
             '--source-commit', meta['source_commit'], '--source-file', meta['source_file'], '--quiet']
-    assert cli_main(argv + (['--use-ema'] if use_ema else [])) == 0
+    assert main(argv + (['--use-ema'] if use_ema else [])) == 0
     weights = out / 'model.safetensors'
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights))).eval()
     with torch.no_grad():
@@ -300,12 +289,12 @@ def test_convert_authors_checkpoint(name, use_ema, tmp_path):
 
 def test_convert_refuses_wrong_architecture(tmp_path):
     """An authors' checkpoint of another network is refused, naming the mismatch; nothing is written."""
-    from dynzoo.tools.convert import cli_main
-    sd, _, _ = _authors_state_dict(FIXTURES / 'fmdconv_resnet18.official.safetensors')
+    from dynzoo.tools.convert import main
+    sd = official_fixture('fmdconv_resnet18').state_dict
     ckpt = tmp_path / 'r18.pth'
     torch.save({'state_dict': sd}, ckpt)
     out = tmp_path / 'out'
     with pytest.raises(hub.CheckpointError, match='does not match|shapes do not match'):
-        cli_main(['--model', 'fmdconv_resnet34', '--checkpoint', str(ckpt), '--out', str(out),
+        main(['--model', 'fmdconv_resnet34', '--checkpoint', str(ckpt), '--out', str(out),
                   '--source-repo', 'tianyu00824/FMDConv', '--quiet'])
     assert not (out / 'model.safetensors').exists()

@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 
 import dynzoo
-from dynzoo.tools.export import check_onnx, cli_main, export_onnx, export_torchscript, per_sample_conv2d_gemm
-from dynzoo.layers.dynamic import DynamicConv2dBase, aggregate_kernels, per_sample_conv2d
+from dynzoo.tools.export import check_onnx, export_onnx, export_torchscript, is_inference_checkpoint, main
+from dynzoo.layers.dynamic import DynamicConv2dBase, aggregate_kernels
+from dynzoo.layers.per_sample import per_sample_conv2d
 
 from test_reparam import EDGE_MODEL, MODELS, RTOL, build, close, fp32_noise, input_size, one_per_family
 
@@ -35,17 +36,18 @@ def _deploy(name):
     dict(k=1, stride=2, padding=0, dilation=1, groups=1),
     dict(k=5, stride=1, padding=2, dilation=1, groups=4),
 ])
-def test_gemm_per_sample_conv_matches_core(geometry):
+def test_gemm_strategy_matches_loop(geometry):
+    """The export-time per-sample form (im2col + one batched matmul) is the loop reference, any geometry."""
     g = geometry
     x = torch.randn(3, 8, 11, 9)
     w = torch.randn(3, 8, 8 // g['groups'], g['k'], g['k'])
     b = torch.randn(3, 8)
     args = ((g['stride'],) * 2, (g['padding'],) * 2, (g['dilation'],) * 2, g['groups'])
     ref = per_sample_conv2d(x, w, b, *args, strategy='loop')
-    assert torch.allclose(per_sample_conv2d_gemm(x, w, b, *args), ref, atol=1e-5)
+    assert torch.allclose(per_sample_conv2d(x, w, b, *args, strategy='gemm'), ref, atol=1e-5)
     # a kernel shared by the batch (leading dim 1) broadcasts
     shared = aggregate_kernels(torch.randn(1, 8, 8 // g['groups'], g['k'], g['k']), None)
-    assert torch.allclose(per_sample_conv2d_gemm(x, shared, None, *args),
+    assert torch.allclose(per_sample_conv2d(x, shared, None, *args, strategy='gemm'),
                           per_sample_conv2d(x, shared.expand(3, -1, -1, -1, -1), None, *args, strategy='loop'),
                           atol=1e-5)
 
@@ -123,13 +125,13 @@ def test_torch_compile_inductor():
 
 def test_cli_export_onnx_dynamo_and_torchscript(tmp_path, capsys):
     onnx_path = tmp_path / 'm.onnx'
-    assert cli_main([EDGE_MODEL, '--format', 'onnx', '--reparameterize', '--img-size', '64',
+    assert main([EDGE_MODEL, '--format', 'onnx', '--reparameterize', '--img-size', '64',
                      '--output', str(onnx_path)]) == 0
     out = capsys.readouterr().out
     assert onnx_path.is_file() and 'exporter=dynamo' in out
     assert float(out.rsplit('=', 1)[1]) <= RTOL
     pt_path = tmp_path / 'm.pt'
-    assert cli_main([EDGE_MODEL, '--format', 'torchscript', '--img-size', '64', '--output', str(pt_path)]) == 0
+    assert main([EDGE_MODEL, '--format', 'torchscript', '--img-size', '64', '--output', str(pt_path)]) == 0
     loaded = torch.jit.load(str(pt_path))
     x = torch.randn(1, 3, 64, 64)
     assert loaded(x).shape == (1, 1000)
@@ -143,13 +145,15 @@ def test_cli_export_with_checkpoints(tmp_path, capsys):
     fused = dynzoo.reparameterize(model)
     deploy_ckpt = tmp_path / 'deploy.safetensors'
     save_file({k: v.contiguous() for k, v in fused.state_dict().items()}, str(deploy_ckpt))
+    assert is_inference_checkpoint(EDGE_MODEL, fused.state_dict())
+    assert not is_inference_checkpoint(EDGE_MODEL, model.state_dict())
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = fused(x)
     # a training-form checkpoint, reparameterized on the way; and a reparameterized one as it is
     for ckpt, extra in ((train_ckpt, ['--reparameterize']), (deploy_ckpt, [])):
         out_path = tmp_path / (ckpt.stem + '.pt')
-        assert cli_main([EDGE_MODEL, '--format', 'torchscript', '--checkpoint', str(ckpt), '--img-size', '64',
+        assert main([EDGE_MODEL, '--format', 'torchscript', '--checkpoint', str(ckpt), '--img-size', '64',
                          '--output', str(out_path)] + extra) == 0
         with torch.no_grad():
             diff, tol = close(ref, torch.jit.load(str(out_path))(x))
@@ -158,12 +162,12 @@ def test_cli_export_with_checkpoints(tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert cli_main(['no_such_model', '--format', 'onnx']) == 2
+    assert main(['no_such_model', '--format', 'onnx']) == 2
     assert 'no_such_model' in capsys.readouterr().err
-    assert cli_main([EDGE_MODEL, '--format', 'onnx', '--checkpoint', str(tmp_path / 'missing.pth')]) == 2
+    assert main([EDGE_MODEL, '--format', 'onnx', '--checkpoint', str(tmp_path / 'missing.pth')]) == 2
     assert 'does not exist' in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli_main([EDGE_MODEL, '--format', 'tflite'])
+        main([EDGE_MODEL, '--format', 'tflite'])
 
 
 def test_export_refuses_training_mode(tmp_path):

@@ -1,4 +1,4 @@
-"""scripts/train.py: recipes, temperature schedules, layer decay, exact resume, and two-process DDP (gloo, CPU)."""
+"""``dynzoo train``: recipes, temperature schedules, layer decay, exact resume, and two-process DDP (gloo, CPU)."""
 import json
 import os
 import shutil
@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from timm.utils import random_seed
 
 import dynzoo
-from dynzoo.layers.heads import TemperatureMixin
+from dynzoo.layers.temperature import TemperatureMixin
 from dynzoo.tools.train import (
     RECIPE_DIR, TemperatureSchedule, apply_temperatures, create_model, create_optimizer, load_recipe, parse_args,
     train)
@@ -29,7 +29,7 @@ TINY = ['--model', 'fmdconv_mobilenetv2_050', '--dataset', 'synthetic', '--synth
         '--epochs', '2', '--no-aug', '--hflip', '0', '--model-ema', '--model-ema-decay', '0.9', '--seed', '3',
         '--no-progress', '--threads', '1',
         '--temperature', '[{"role": "kernel", "schedule": "linear", "t0": 30, "t1": 1, "epochs": 1},'
-                         ' {"role": "gate", "schedule": "fmdconv", "t0": 10, "step": 3}]']
+                         ' {"role": "gate", "schedule": "fmdconv", "t0": 10, "decrement": 3}]']
 
 
 @pytest.mark.parametrize('recipe', RECIPES, ids=lambda p: p.stem)
@@ -44,7 +44,7 @@ def test_recipe_is_valid(recipe):
     if schedules:
         model = timm.create_model(args.model, device='meta', num_classes=args.num_classes or 1000)
         for per_step in (False, True):
-            apply_temperatures(model, schedules, 0, 0, 10, per_step=per_step)
+            apply_temperatures(model, schedules, 0, 10, per_step=per_step)
         roles = {m.temperature_role for m in model.modules() if isinstance(m, TemperatureMixin)}
         assert all(s.role in roles or s.role is None for s in schedules)
 
@@ -57,15 +57,15 @@ def test_recipe_refuses_unknown_option(tmp_path):
 
 
 def test_temperature_schedules():
-    fmd = TemperatureSchedule.from_dict({'role': 'kernel', 'schedule': 'fmdconv', 't0': 40, 'step': 3})
-    assert [fmd.value(e) for e in (0, 1, 12, 13, 20)] == [40, 37, 4, 1, 1]  # FMDConv §3.3.2
+    fmd = TemperatureSchedule.from_dict({'role': 'kernel', 'schedule': 'fmdconv', 't0': 40, 'decrement': 3})
+    assert [fmd.value(e) for e in (0, 1, 12, 13, 20)] == [40, 37, 4, 1, 1]  # FMDConv Sec. 3.3.2, per epoch
+    assert fmd.value(25, steps_per_epoch=5) == fmd.value(5) == 25  # one base: the global step and steps per epoch
     lin = TemperatureSchedule.from_dict({'role': 'kernel', 'schedule': 'linear', 't0': 30, 't1': 1, 'epochs': 10})
     spe = 5
     n_total = 10 * spe
-    for n in (1, 7, 25, 50):  # DMF: T = 1 + (T0 - 1)(N - n)/N at 1-based iteration n
-        epoch, step = divmod(n - 1, spe)
-        assert lin.value(epoch, step, spe) == pytest.approx(1 + 29 * (n_total - n) / n_total)
-    assert lin.value(15, 0, spe) == 1.0
+    for n in (1, 7, 25, 50):  # DMF: T = 1 + (T0 - 1)(N - n)/N at 1-based iteration n, i.e. 0-based step n - 1
+        assert lin.value(n - 1, spe) == pytest.approx(1 + 29 * (n_total - n) / n_total)
+    assert lin.value(15 * spe, spe) == 1.0
     with pytest.raises(ValueError, match='schedule'):
         TemperatureSchedule.from_dict({'schedule': 'cubic'})
     with pytest.raises(ValueError, match='role'):
@@ -76,7 +76,7 @@ def test_temperature_schedule_refuses_model_without_role():
     model = timm.create_model('attnet_xxs', device='meta')  # ATConv has no temperature
     sched = [TemperatureSchedule.from_dict({'role': 'kernel', 'schedule': 'constant', 't0': 2})]
     with pytest.raises(ValueError, match='temperature'):
-        apply_temperatures(model, sched, 0, 0, 1, per_step=False)
+        apply_temperatures(model, sched, 0, 1, per_step=False)
 
 
 def test_layer_decay_groups_follow_group_matcher():
@@ -174,7 +174,7 @@ def test_mobilenetv2_recipe_starts_with_trainable_gradients(recipe):
         model = timm.create_model(name, num_classes=10).train()
         if at_recipe_start:
             for per_step in (False, True):
-                apply_temperatures(model, schedules, 0, 0, 100, per_step=per_step)
+                apply_temperatures(model, schedules, 0, 100, per_step=per_step)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         return float(model.conv_stem.weight.grad.norm())
 

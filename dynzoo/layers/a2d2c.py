@@ -27,9 +27,8 @@ Decisions the paper leaves open (dynzoo's choices):
 * the temperature is a persistent buffer of the router (role ``'kernel'``), default 1 (an inference-ready
   model); training anneals it 30 -> 1 over the first 10 epochs (§4.3; the end value 1 is dynzoo's choice), per
   step: :func:`~dynzoo.layers.temperature.linear_temperature`;
-* folding a following BatchNorm scales each output channel of every response ``F_i`` by ``s``, which would
-  change the router's input: :meth:`A2D2CConv2d.fuse_bn` compensates exactly by dividing the router weight by
-  ``s`` (the BN shift adds the same constant to every logit, which the softmax ignores).
+* a following BatchNorm folds into a per-channel ``post_scale`` / ``post_bias`` after the mixture rather than
+  into the bank, because the router reads the raw responses ``F_i``; this is exact for every BN, zero gamma included.
 """
 from typing import List, Optional, Tuple
 
@@ -122,6 +121,8 @@ class A2D2CConv2d(DynamicConv2dBase):
         self.sample_per = sample_per
         self.eval_sampling = eval_sampling
         self.router = A2D2CRouter(out_channels, temperature, device=device, dtype=dtype)
+        # the scale of a folded following BatchNorm (see fuse_bn); registered with post_bias
+        self.register_buffer('post_scale', torch.ones(out_channels, device=device, dtype=dtype) if post_bias else None)
 
     # ---------------------------------------------------------------- sampling (Eq. 3-4)
     def sample_positions(
@@ -248,7 +249,10 @@ class A2D2CConv2d(DynamicConv2dBase):
 
     def forward_attention(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> DynamicAttention:
         """``cond``: explicit sampled positions (see the class docstring), else drawn by :meth:`sample_positions`."""
-        return DynamicAttention(self.routing(x, cond), None, None, None)
+        out_scale: Optional[torch.Tensor] = None
+        if self.post_scale is not None:
+            out_scale = self.post_scale.unsqueeze(0).expand(x.shape[0], -1)
+        return DynamicAttention(self.routing(x, cond), None, out_scale, None)
 
     def effective_strategy(self) -> str:
         if self.mode == 'sum':  # A2D2C+ is the K-conv sum (Eq. 8): the core's dense strategy
@@ -257,19 +261,23 @@ class A2D2CConv2d(DynamicConv2dBase):
 
     @torch.no_grad()
     def fuse_bn(self, bn: nn.Module) -> None:
-        """Fold a following BatchNorm (``y -> s y + t``) into the bank, keeping the routing exact.
+        """Fold a following BatchNorm (``y -> s y + t``, running statistics, any mode) into the layer's output map.
 
-        Scaling ``W_i`` (and ``b_i``) by ``s`` scales every response ``F_i`` per channel, so the router weight is
-        divided by ``s``: ``(w / s) . (s p_i) = w . p_i``. The shift ``t`` becomes ``post_bias``, added after the
-        mix; it would add ``w . t`` to every logit alike, which the softmax ignores. Refuses ``s == 0`` (a zero BN
-        gamma), which no router weight can compensate.
+        The router reads the raw per-channel responses ``F_i`` (Eq. 3-5), so the bank is left as it is and the BN
+        becomes the per-channel ``post_scale`` / ``post_bias`` applied after the mixture: exact for every ``s``,
+        a zero BN gamma included (timm's ResNets zero-initialise the last BN of each block).
         """
-        scale, _ = bn_scale_shift(bn)
-        if bool((scale == 0).any()):
-            raise ValueError('cannot fold a BatchNorm with a zero scale (gamma == 0) into A2D2CConv2d: the routing '
-                             'reads the per-channel responses and could not be compensated')
-        super().fuse_bn(bn)
-        self.router.weight.div_(scale.reshape(1, -1).to(self.router.weight.dtype))
+        scale, shift = bn_scale_shift(bn)
+        if scale.numel() != self.out_channels:
+            raise ValueError(f'BatchNorm has {scale.numel()} features, layer has {self.out_channels} outputs')
+        scale = scale.to(self.weight.dtype)
+        shift = shift.to(self.weight.dtype)
+        if self.post_bias is not None:
+            shift = shift + scale * self.post_bias
+        if self.post_scale is not None:
+            scale = scale * self.post_scale
+        self.post_scale = scale.detach().clone()
+        self.post_bias = shift.detach().clone()
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f', num_points={self.num_points}, mode={self.mode!r}'

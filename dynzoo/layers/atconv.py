@@ -109,8 +109,9 @@ class ATConv2d(nn.Module):
         self.strategy = strategy
         k2 = kernel_size * kernel_size
         # C2K Conv1x1, Eq. (7): on X (training form) or, as a Conv1d, on the pooled context (inference form)
-        self.kernel_proj = None if inference_mode else nn.Conv2d(dim, dim, 1, bias=bias, **dd)
-        self.context_proj = nn.Conv1d(dim, dim, 1, bias=bias, **dd) if inference_mode else None
+        # both slots are registered in both forms, so the two forms list their modules in the same order
+        self.register_module('kernel_proj', None if inference_mode else nn.Conv2d(dim, dim, 1, bias=bias, **dd))
+        self.register_module('context_proj', nn.Conv1d(dim, dim, 1, bias=bias, **dd) if inference_mode else None)
         self.kernel_gen = nn.Linear(k2, k2, **dd)  # W_gen, shared by all channels
         self.x_proj = nn.Conv2d(dim, dim, 1, bias=bias, **dd)  # W_value, Eq. (10)
         self.proj = nn.Conv2d(dim, dim, 1, bias=bias, **dd)  # W_out

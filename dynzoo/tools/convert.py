@@ -25,7 +25,7 @@ import torch
 
 from dynzoo.models import _hub as hub
 
-__all__ = ['convert_checkpoint', 'parse_metric', 'cli_main']
+__all__ = ['convert_checkpoint', 'parse_metric', 'main']
 
 
 def _step(i: int, n: int, text: str, quiet: bool) -> None:
@@ -92,14 +92,9 @@ def convert_checkpoint(
     kwargs = dict(model_kwargs or {})
 
     _step(1, n, f'reading {checkpoint} ({checkpoint.stat().st_size / 2**20:.1f} MiB) into {model_name}', quiet)
-    raw = hub.load_checkpoint_file(checkpoint)
-    container = _describe_container(raw)
-    if use_ema:
-        overlay = dict(state_dict={'state_dict': hub.unwrap_checkpoint(raw, use_ema=True)})
-    else:
-        overlay = dict(file=str(checkpoint))
-    del raw
-    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
+    container = _describe_container(hub.load_checkpoint_file(checkpoint))
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)),
+                              use_ema=use_ema, **kwargs).eval()
 
     _step(2, n, f'writing {out_dir}', quiet)
     entry = {
@@ -155,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cli_main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     source = {k: v for k, v in dict(repo=args.source_repo, url=args.source_url, commit=args.source_commit,
                                     file=args.source_file).items() if v}
@@ -169,4 +164,4 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(cli_main())
+    sys.exit(main())

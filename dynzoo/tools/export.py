@@ -1,97 +1,41 @@
 """Export dynzoo models to ONNX and TorchScript (``dynzoo export NAME --format onnx|torchscript``).
 
 TorchScript: ``torch.jit.script`` (every dynzoo forward is scriptable, timm's contract) with ``torch.jit.trace``
-as the fallback; the per-sample convolution runs as in eager mode (the batch folded into the conv groups).
+as the fallback; a scripted per-sample convolution runs as in eager mode (the batch folded into the conv groups).
 
 ONNX: an ONNX ``Conv`` takes its ``group`` count as a constant attribute, so the eager per-sample convolution
-(``groups = batch * g``) cannot carry a dynamic batch axis. While exporting, :func:`onnx_friendly` therefore swaps
-the core's per-sample convolution (:func:`dynzoo.layers.dynamic.per_sample_conv2d`, which every dynamic conv of
-the zoo goes through) for :func:`per_sample_conv2d_gemm`: the kernel taps are gathered with strided slices of the
-padded input (im2col) and contracted with each sample's aggregated kernel by one batched ``MatMul`` -- exact, same
-FLOPs, any batch. Layers set to the ``'loop'`` strategy export through it too. The exported graph is checked
-against PyTorch in onnxruntime at two batch sizes (:func:`check_onnx`).
+(``groups = batch * g``) cannot carry a dynamic batch axis. While a graph is traced or exported, the core
+(:mod:`dynzoo.layers.per_sample`) runs every per-sample convolution as its ``'gemm'`` strategy instead: the kernel
+taps gathered with strided slices of the padded input (im2col) and contracted with each sample's kernel by one
+batched ``MatMul`` -- exact, same FLOPs, any batch. The exported graph is checked against PyTorch in onnxruntime at
+two batch sizes (:func:`check_onnx`).
+
+A checkpoint is in the training form or in the inference (reparameterized) form; :func:`load_model` tells them
+apart by their keys (:func:`is_inference_checkpoint`) and builds the matching model, the inference form with
+``timm.create_model(name, inference_mode=True)``.
 
 Exporters (``torch.onnx.export`` in torch 2.14): ``exporter='dynamo'`` (the default; ``torch.export`` +
 onnxscript) and ``exporter='torchscript'`` (the older tracer; deprecated upstream but ~4x faster to run, which is
 what the test suite uses). Both give graphs that agree with PyTorch to float rounding.
 """
 import argparse
-import contextlib
 import os
 import sys
 import time
 import warnings
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-import dynzoo.layers.dynamic as dynamic_core
-from dynzoo.layers.dynamic import DynamicConv2dBase
+from dynzoo.models import _hub as hub
 
 __all__ = [
-    'per_sample_conv2d_gemm', 'onnx_friendly', 'export_onnx', 'export_torchscript', 'check_onnx',
-    'onnxruntime_session', 'load_model', 'cli_main', 'EXPORTERS',
+    'export_onnx', 'export_torchscript', 'check_onnx', 'onnxruntime_session', 'is_inference_checkpoint',
+    'load_model', 'build_parser', 'main', 'EXPORTERS',
 ]
 
 EXPORTERS = ('dynamo', 'torchscript')
-
-
-def per_sample_conv2d_gemm(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        stride: Tuple[int, int],
-        padding: Tuple[int, int],
-        dilation: Tuple[int, int],
-        groups: int,
-        strategy: str = 'grouped',
-) -> torch.Tensor:
-    """:func:`~dynzoo.layers.dynamic.per_sample_conv2d` as im2col + one batched GEMM (no batch-dependent groups).
-
-    ``weight`` is ``(B or 1, C_out, C_in/g, kh, kw)``; the ``kh*kw`` taps are strided slices of the zero-padded
-    input, stacked in ``F.unfold``'s ``(C, kh, kw)`` order and contracted per group. ``strategy`` is accepted for
-    signature compatibility and ignored.
-    """
-    batch, c_in, h, w = x.shape
-    c_out, c_in_g, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3], weight.shape[4]
-    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    if padding[0] or padding[1]:
-        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    taps: List[torch.Tensor] = []
-    for u in range(kh):
-        for v in range(kw):
-            r0, c0 = u * dilation[0], v * dilation[1]
-            taps.append(x[:, :, r0:r0 + (out_h - 1) * stride[0] + 1:stride[0],
-                          c0:c0 + (out_w - 1) * stride[1] + 1:stride[1]])
-    cols = taps[0].unsqueeze(2) if len(taps) == 1 else torch.stack(taps, 2)  # (B, C_in, kh*kw, H', W')
-    cols = cols.reshape(batch, groups, c_in_g * kh * kw, out_h * out_w)
-    kernels = weight.reshape(weight.shape[0], groups, c_out // groups, c_in_g * kh * kw)
-    y = torch.matmul(kernels, cols).reshape(batch, c_out, out_h, out_w)
-    if bias is not None:
-        y = y + bias.reshape(-1, c_out, 1, 1)
-    return y
-
-
-@contextlib.contextmanager
-def onnx_friendly(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, per-sample convolutions run as :func:`per_sample_conv2d_gemm` (exportable with a dynamic
-    batch) and ``'loop'``-strategy layers use it too; everything is restored on exit. Exact (same math)."""
-    saved_fn = dynamic_core.per_sample_conv2d
-    saved_strategy = {}
-    for m in model.modules():
-        if isinstance(m, DynamicConv2dBase) and m.strategy == 'loop':
-            saved_strategy[m] = m.strategy
-            m.strategy = 'grouped'
-    dynamic_core.per_sample_conv2d = per_sample_conv2d_gemm
-    try:
-        yield model
-    finally:
-        dynamic_core.per_sample_conv2d = saved_fn
-        for m, s in saved_strategy.items():
-            m.strategy = s
 
 
 def _example_input(model: nn.Module, input_size: Sequence[int], batch_size: int) -> torch.Tensor:
@@ -125,7 +69,7 @@ def export_onnx(
     kwargs = dict(input_names=['input'], output_names=['output'])
     if opset is not None:
         kwargs['opset_version'] = opset
-    with onnx_friendly(model), torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore')  # tracer / deprecation chatter; the result is checked numerically instead
         if exporter == 'dynamo':
             if dynamic_batch:
@@ -194,54 +138,75 @@ def check_onnx(model: nn.Module, path: str, input_size: Sequence[int] = (3, 224,
     return worst
 
 
+def _state_keys(name: str, **kwargs) -> set:
+    import timm
+    with torch.device('meta'):
+        return set(timm.create_model(name, **kwargs).state_dict())
+
+
+def is_inference_checkpoint(name: str, checkpoint: Mapping[str, Any], **kwargs) -> bool:
+    """``True`` when ``checkpoint`` (a state dict or a training container) holds the inference form of ``name``:
+    its keys are those of ``timm.create_model(name, inference_mode=True)`` and not the training form's. Any other
+    checkpoint (the training form, an authors' release the family's filter converts) is for the training form.
+    ``kwargs`` are the model's (``num_classes``, ...)."""
+    keys = set(hub.strip_prefix(hub.unwrap_checkpoint(checkpoint), 'module.'))
+    if keys == _state_keys(name, **kwargs):
+        return False
+    return keys == _state_keys(name, inference_mode=True, **kwargs)
+
+
 def load_model(name: str, checkpoint: Optional[str] = None, reparameterize: bool = False, **kwargs) -> nn.Module:
-    """``timm.create_model(name)`` in eval mode, with a training-form or reparameterized ``checkpoint`` file.
+    """``timm.create_model(name)`` in eval mode, with a training-form or inference-form ``checkpoint`` file.
 
     A training-form checkpoint (dynzoo's or the authors', anything the family's filter converts) loads through
-    timm's strict pretrained path before any reparameterization; a reparameterized one (it carries the
-    ``dynzoo_reparameterized`` key) loads after it, and implies ``reparameterize``.
+    timm's strict pretrained path into the training form, which ``reparameterize`` then folds
+    (:func:`dynzoo.reparameterize`); an inference-form one (:func:`is_inference_checkpoint`) loads through the same
+    path into ``timm.create_model(name, inference_mode=True)``.
     """
     import timm
-    from dynzoo.models import _hub as hub
-    from dynzoo.models._reparam import MARKER
-    from dynzoo.models._reparam import reparameterize as _reparameterize
-    state = None
+    import dynzoo
     if checkpoint:
-        state = hub.load_checkpoint_file(checkpoint)
-        if isinstance(state, dict) and MARKER in state:
-            reparameterize = True
-        else:
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint))
-            state = None
+        if is_inference_checkpoint(name, hub.load_checkpoint_file(checkpoint), **kwargs):
+            kwargs['inference_mode'] = True
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint))
     model = timm.create_model(name, **kwargs).eval()
-    if reparameterize:
-        model = _reparameterize(model, inplace=True)
-    if state is not None:
-        model.load_state_dict(state)
+    if reparameterize and not kwargs.get('inference_mode'):
+        model = dynzoo.reparameterize(model, inplace=True)
     return model
 
 
-def cli_main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='dynzoo export', description=__doc__.split('\n')[0])
+    p.add_argument('name', help='registered model name (dynzoo list)')
+    p.add_argument('--format', choices=('onnx', 'torchscript'), required=True)
+    p.add_argument('--reparameterize', action='store_true',
+                   help='export the inference form (dynzoo.reparameterize of the training form)')
+    p.add_argument('--checkpoint', default=None,
+                   help='.safetensors / .pth in the training or the inference form (told apart by its keys)')
+    p.add_argument('--output', default=None, help='output path (default NAME[.reparam].onnx / .pt)')
+    p.add_argument('--img-size', type=int, default=None, help='input resolution (default: the model cfg)')
+    p.add_argument('--num-classes', type=int, default=None,
+                   help='classes of the head (default: the checkpoint\'s own, else the model cfg\'s)')
+    p.add_argument('--use-ema', action='store_true', help='the EMA weights of a training checkpoint')
+    p.add_argument('--exporter', choices=EXPORTERS, default='dynamo', help='ONNX exporter (default dynamo)')
+    p.add_argument('--opset', type=int, default=None)
+    p.add_argument('--static-batch', action='store_true',
+                   help='ONNX: fixed batch (--batch-size) instead of dynamic')
+    p.add_argument('--batch-size', type=int, default=2, help='example batch used for tracing (default 2)')
+    p.add_argument('--method', choices=('script', 'trace', 'auto'), default='auto', help='TorchScript method')
+    p.add_argument('--no-check', action='store_true', help='skip the onnxruntime / TorchScript parity check')
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """``dynzoo export NAME --format onnx|torchscript [--reparameterize] [--checkpoint FILE] [--output PATH]``."""
-    parser = argparse.ArgumentParser(prog='dynzoo export', description=__doc__.split('\n')[0])
-    parser.add_argument('name', help='registered model name (dynzoo list)')
-    parser.add_argument('--format', choices=('onnx', 'torchscript'), required=True)
-    parser.add_argument('--reparameterize', action='store_true', help='export the inference form (dynzoo.reparameterize)')
-    parser.add_argument('--checkpoint', default=None, help='.safetensors / .pth: training-form or reparameterized')
-    parser.add_argument('--output', default=None, help='output path (default NAME[.reparam].onnx / .pt)')
-    parser.add_argument('--img-size', type=int, default=None, help='input resolution (default: the model cfg)')
-    parser.add_argument('--num-classes', type=int, default=None)
-    parser.add_argument('--exporter', choices=EXPORTERS, default='dynamo', help='ONNX exporter (default dynamo)')
-    parser.add_argument('--opset', type=int, default=None)
-    parser.add_argument('--static-batch', action='store_true', help='ONNX: fixed batch (--batch-size) instead of dynamic')
-    parser.add_argument('--batch-size', type=int, default=2, help='example batch used for tracing (default 2)')
-    parser.add_argument('--method', choices=('script', 'trace', 'auto'), default='auto', help='TorchScript method')
-    parser.add_argument('--no-check', action='store_true', help='skip the onnxruntime / TorchScript parity check')
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     kwargs = {}
     if args.num_classes is not None:
         kwargs['num_classes'] = args.num_classes
+    if args.use_ema:
+        kwargs['use_ema'] = True
     try:
         model = load_model(args.name, args.checkpoint, args.reparameterize, **kwargs)
     except Exception as e:  # unknown model, bad checkpoint: one clear line, not a traceback
@@ -249,7 +214,9 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     cfg_size = tuple(getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 224, 224)))
     input_size = (cfg_size[0], args.img_size, args.img_size) if args.img_size else cfg_size
-    suffix = '.reparam' if args.reparameterize or (args.checkpoint and _is_reparam(model)) else ''
+    inference = args.reparameterize or bool(
+        args.checkpoint and is_inference_checkpoint(args.name, model.state_dict(), **kwargs))
+    suffix = '.reparam' if inference else ''
     output = args.output or f'{args.name}{suffix}.' + ('onnx' if args.format == 'onnx' else 'pt')
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     t0 = time.perf_counter()
@@ -271,10 +238,5 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _is_reparam(model: nn.Module) -> bool:
-    from dynzoo.models._reparam import is_reparameterized
-    return is_reparameterized(model)
-
-
 if __name__ == '__main__':
-    sys.exit(cli_main())
+    sys.exit(main())

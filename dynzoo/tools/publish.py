@@ -31,7 +31,7 @@ from dynzoo.models import _hub as hub
 
 __all__ = [
     'STATUSES', 'SOURCE_TYPES', 'IndexValidationError', 'validate_entry', 'validate_index', 'model_card',
-    'export_folder', 'load_training_checkpoint', 'update_index', 'push_folder', 'publish_folder', 'cli_main',
+    'export_folder', 'load_training_checkpoint', 'update_index', 'push_folder', 'publish_folder', 'main',
 ]
 
 STATUSES = ('published', 'not_mirrored')
@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cli_main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     folder = args.folder
     if args.train_dir:
@@ -427,4 +427,4 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(cli_main())
+    sys.exit(main())

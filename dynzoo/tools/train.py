@@ -1,7 +1,7 @@
 """Train or fine-tune any dynzoo (or timm) model with timm's components, on one device or many (DDP).
 
-``python scripts/train.py --config fmdconv_resnet18_in1k --data-dir /data/imagenet`` or, on 8 GPUs,
-``torchrun --nproc_per_node 8 scripts/train.py --config ...``. The pieces are timm's: ``create_dataset`` /
+``dynzoo train --config fmdconv_resnet18_in1k --data-dir /data/imagenet`` or, on 8 GPUs,
+``torchrun --nproc_per_node 8 -m dynzoo train --config ...``. The pieces are timm's: ``create_dataset`` /
 ``create_loader`` and their transforms, ``Mixup`` (mixup / cutmix) with soft-target or label-smoothing losses,
 ``create_optimizer_v2`` (layer-wise lr decay through the model's ``group_matcher``), ``create_scheduler_v2``,
 ``ModelEmaV3``, ``torch.autocast`` AMP with timm's ``NativeScaler``, ``CheckpointSaver`` and ``distribute_bn``.
@@ -22,6 +22,11 @@ What dynzoo adds:
   checkpoint continues bit-for-bit like an uninterrupted run on the same setup.
 * ``results.json`` in the output folder (best epoch, its metrics and the evaluation protocol, recipe hash, wall
   time), which ``dynzoo publish --train-dir`` turns into a model card and a weights-index entry.
+
+The run, by job: :func:`init_devices` (threads, device, DDP process group), :func:`setup_model`,
+:func:`create_data` (datasets and loaders), :func:`create_components` (optimizer, AMP, resume, EMA, DDP wrapper,
+loss, lr schedule), then per epoch :func:`train_one_epoch` and :func:`evaluate_epoch`, with :func:`create_saver`'s
+checkpoints and :func:`write_results`; :func:`train` strings them together.
 """
 import argparse
 import hashlib
@@ -42,10 +47,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynzoo.layers.temperature import TEMPERATURE_ROLES, fmdconv_temperature, linear_temperature, set_temperature
+
 __all__ = [
-    'RECIPE_DIR', 'ArrayImageDataset', 'TemperatureSchedule', 'TrainResult', 'build_parser', 'parse_args',
+    'RECIPE_DIR', 'ArrayImageDataset', 'TemperatureSchedule', 'apply_temperatures', 'TrainResult', 'build_parser',
+    'parse_args',
     'find_recipe', 'load_recipe', 'digits_datasets', 'synthetic_datasets', 'create_datasets',
-    'create_optimizer', 'evaluate', 'train', 'cli_main',
+    'TrainData', 'TrainComponents', 'init_devices', 'create_model', 'setup_model', 'create_data', 'create_optimizer',
+    'create_loss', 'create_components', 'train_one_epoch', 'evaluate', 'evaluate_epoch', 'create_saver',
+    'write_results', 'train', 'main',
 ]
 
 _logger = logging.getLogger('dynzoo.tools.train')
@@ -195,7 +205,7 @@ def load_recipe(name_or_path: str, parser: Optional[argparse.ArgumentParser] = N
         raise ValueError(f'recipe {path} must be a mapping of option: value, got {type(cfg).__name__}')
     cfg = {k.replace('-', '_'): v for k, v in cfg.items() if k != 'description'}
     parser = parser or build_parser()
-    known = {a.dest for a in parser._actions}
+    known = set(vars(parser.parse_args([])))
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ValueError(f'recipe {path} has unknown option(s) {unknown}; see `dynzoo train --help`')
@@ -231,16 +241,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 class TemperatureSchedule:
     """One temperature schedule of a recipe, applied to every head of ``role`` (``None``: every role).
 
-    ``fmdconv``: ``max(1, t0 - step * epoch)`` at every epoch start (FMDConv §3.3.2: t0 = 40, step = 3);
-    ``linear``: per iteration, ``t0 -> t1`` over the first ``epochs`` epochs, then ``t1`` (DynamicConv / ODConv:
-    30 -> 1 over 10 epochs; DMF's ``T = 1 + (T0 - 1)(N - n)/N`` with 1-based iteration ``n``);
-    ``constant``: ``t0`` throughout (e.g. the FMDConv authors' kernel softmax at 34).
+    Every schedule is a function of the 0-based global optimizer step about to run and the steps per epoch
+    (:mod:`dynzoo.layers.temperature`): ``fmdconv``: ``max(1, t0 - decrement * epoch)``, set at every epoch start
+    (FMDConv, Sec. 3.3.2: t0 = 40, decrement = 3); ``linear``: per step, ``t0 -> t1`` over the first ``epochs``
+    epochs, then ``t1`` (DynamicConv, Sec. 3.2, and ODConv: 30 -> 1 over 10 epochs), counted from 1 as DMF's code
+    does (``T = 1 + (T0 - 1)(N - n)/N`` at iteration ``n``), i.e. the value at step ``s`` is
+    ``linear_temperature(s + 1, ...)``; ``constant``: ``t0`` throughout (e.g. the FMDConv authors' kernel softmax
+    at 34).
     """
     role: Optional[str] = 'kernel'
     schedule: str = 'fmdconv'
     t0: float = 40.0
     t1: float = 1.0
-    step: float = 3.0
+    decrement: float = 3.0
     epochs: float = 10.0
 
     SCHEDULES = ('fmdconv', 'linear', 'constant')
@@ -249,45 +262,43 @@ class TemperatureSchedule:
     def from_dict(cls, d: Dict[str, Any]) -> 'TemperatureSchedule':
         if not isinstance(d, dict):
             raise ValueError(f'a temperature schedule must be a mapping, got {d!r}')
-        unknown = set(d) - {'role', 'schedule', 't0', 't1', 'step', 'epochs'}
+        unknown = set(d) - {'role', 'schedule', 't0', 't1', 'decrement', 'epochs'}
         if unknown:
             raise ValueError(f'unknown temperature schedule field(s) {sorted(unknown)} in {d}')
         s = cls(**d)
         if s.schedule not in cls.SCHEDULES:
             raise ValueError(f'unknown temperature schedule {s.schedule!r}; expected one of {cls.SCHEDULES}')
-        if s.role not in ('kernel', 'gate', None):
-            raise ValueError(f"temperature role must be 'kernel', 'gate' or null, got {s.role!r}")
+        if s.role is not None and s.role not in TEMPERATURE_ROLES:
+            raise ValueError(f'temperature role must be one of {TEMPERATURE_ROLES} or null, got {s.role!r}')
         if min(s.t0, s.t1) <= 0 or s.epochs <= 0:
             raise ValueError(f'temperatures and anneal epochs must be > 0: {d}')
         return s
 
     def to_dict(self) -> Dict[str, Any]:
-        return dict(role=self.role, schedule=self.schedule, t0=self.t0, t1=self.t1, step=self.step,
+        return dict(role=self.role, schedule=self.schedule, t0=self.t0, t1=self.t1, decrement=self.decrement,
                     epochs=self.epochs)
 
     @property
     def per_step(self) -> bool:
         return self.schedule == 'linear'
 
-    def value(self, epoch: int, step_in_epoch: int = 0, steps_per_epoch: int = 1) -> float:
-        from dynzoo.layers.heads import fmdconv_temperature, linear_temperature
+    def value(self, step: int, steps_per_epoch: int = 1) -> float:
+        """The temperature for the 0-based global ``step`` about to run."""
         if self.schedule == 'fmdconv':
-            return fmdconv_temperature(epoch, self.t0, self.step)
+            return fmdconv_temperature(step, steps_per_epoch, self.t0, self.decrement)
         if self.schedule == 'linear':
-            iteration = epoch * steps_per_epoch + step_in_epoch + 1  # 1-based, as DMF's code counts
-            return linear_temperature(iteration / (self.epochs * steps_per_epoch), self.t0, self.t1)
+            return linear_temperature(step + 1, steps_per_epoch, self.t0, self.t1, self.epochs)
         return self.t0
 
 
-def apply_temperatures(
-        model: nn.Module, schedules: Sequence[TemperatureSchedule], epoch: int, step_in_epoch: int,
-        steps_per_epoch: int, per_step: bool) -> Dict[str, float]:
-    """Set the temperatures of the schedules that update at this granularity; returns ``{role: value}``."""
-    from dynzoo.layers.heads import set_temperature
+def apply_temperatures(model: nn.Module, schedules: Sequence[TemperatureSchedule], step: int,
+                       steps_per_epoch: int, per_step: bool) -> Dict[str, float]:
+    """Set the temperatures of the schedules that update at this granularity (per step, or per epoch) for the
+    0-based global ``step`` about to run; returns ``{role: value}``."""
     done = {}
     for s in schedules:
         if s.per_step == per_step:
-            t = s.value(epoch, step_in_epoch, steps_per_epoch)
+            t = s.value(step, steps_per_epoch)
             set_temperature(model, t, role=s.role)
             done[s.role or 'all'] = t
     return done
@@ -380,7 +391,21 @@ def create_datasets(args) -> Tuple[torch.utils.data.Dataset, torch.utils.data.Da
 
 
 # --------------------------------------------------------------------------------------------------------------
-# model / optimizer / evaluation
+# devices, data, model and the training components
+
+
+def init_devices(args) -> torch.device:
+    """CPU threads, the device and, under torchrun, the process group (timm's ``init_distributed_device`` sets
+    ``args.rank``, ``args.world_size`` and ``args.distributed`` from the ``env://`` variables)."""
+    from timm.utils import init_distributed_device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.device:
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = init_distributed_device(args)
+    if args.distributed:
+        _logger.info(f'DDP rank {args.rank}/{args.world_size} on {device} ({args.dist_backend or "auto"} backend)')
+    return device
 
 
 def create_model(args) -> nn.Module:
@@ -395,6 +420,66 @@ def create_model(args) -> nn.Module:
         return timm.create_model(args.model, pretrained=True,
                                  pretrained_cfg_overlay=dict(file=args.initial_checkpoint), **kwargs)
     return timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+
+
+def setup_model(args, schedules: Sequence[TemperatureSchedule], device: torch.device) -> nn.Module:
+    """:func:`create_model` with the same initial weights on every rank, checked against the temperature
+    schedules (a schedule naming a role the model lacks fails here, before training), on ``device``."""
+    from timm.utils import random_seed
+    random_seed(args.seed, 0)
+    model = create_model(args)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    for per_step in ((False, True) if schedules else ()):
+        apply_temperatures(model, schedules, 0, 1, per_step=per_step)
+    model.to(device)
+    if args.distributed and args.sync_bn:
+        from timm.layers import convert_sync_batchnorm
+        model = convert_sync_batchnorm(model)
+    return model
+
+
+@dataclass
+class TrainData:
+    """The two loaders of a run, their preprocessing and what ``results.json`` says of the split."""
+    loader_train: Any
+    loader_eval: Any
+    data_config: Dict[str, Any]
+    description: str
+    num_train: int
+    num_val: int
+    steps_per_epoch: int  # optimizer updates per epoch
+
+
+def create_data(args, model: nn.Module, device: torch.device) -> TrainData:
+    """timm's ``create_loader`` on :func:`create_datasets`, with the model's data config overridden by ``args``."""
+    from timm.data import create_loader, resolve_data_config
+    size = args.input_size or args.img_size
+    data_config = resolve_data_config(
+        args={k: v for k, v in dict(
+            input_size=(3, size, size) if size else None,
+            mean=args.mean, std=args.std, interpolation=args.interpolation or None,
+            crop_pct=args.crop_pct).items() if v is not None},
+        model=model, verbose=False)
+    train_ds, val_ds, description = create_datasets(args)
+    loader_train = create_loader(
+        train_ds, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
+        color_jitter=args.color_jitter, auto_augment=args.aa,
+        num_aug_repeats=args.aug_repeats if args.distributed else 0,
+        interpolation=args.train_interpolation or data_config['interpolation'], mean=data_config['mean'],
+        std=data_config['std'],
+        num_workers=args.workers, distributed=args.distributed, use_prefetcher=False, device=device)
+    loader_eval = create_loader(
+        val_ds, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
+        is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
+        std=data_config['std'], crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'),
+        num_workers=args.workers, distributed=args.distributed, use_prefetcher=False, device=device)
+    if len(loader_train) == 0:
+        raise ValueError(f'training set of {len(train_ds)} images is smaller than one batch of {args.batch_size}')
+    return TrainData(loader_train, loader_eval, data_config, description, len(train_ds), len(val_ds),
+                     steps_per_epoch=math.ceil(len(loader_train) / max(1, args.grad_accum_steps)))
 
 
 def create_optimizer(args, model: nn.Module, world_size: int = 1) -> torch.optim.Optimizer:
@@ -424,6 +509,149 @@ def _amp_context(args, device: torch.device):
     return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), scaler
 
 
+def create_loss(args, num_classes: int):
+    """``(mixup_fn or None, training loss)``: timm's ``Mixup`` with soft targets, label smoothing, or plain CE."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(
+            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+            label_smoothing=args.smoothing, num_classes=num_classes)
+        return mixup_fn, SoftTargetCrossEntropy()
+    if args.smoothing:
+        return None, LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return None, nn.CrossEntropyLoss()
+
+
+def _resolve_resume(args, output_dir: Path) -> str:
+    if args.resume == 'auto':
+        last = output_dir / CHECKPOINT_LAST
+        return str(last) if last.is_file() else ''
+    if args.resume and not Path(args.resume).is_file():
+        raise FileNotFoundError(f'--resume {args.resume!r}: no such checkpoint')
+    return args.resume
+
+
+@dataclass
+class TrainComponents:
+    """Everything one epoch needs besides the data: model (DDP-wrapped when distributed), EMA, optimizer, AMP, loss,
+    lr and temperature schedules, and where the run starts (``start_epoch`` > 0 after a resume)."""
+    model: nn.Module
+    model_plain: nn.Module
+    model_ema: Optional[nn.Module]
+    optimizer: torch.optim.Optimizer
+    amp_autocast: Any
+    loss_scaler: Any
+    mixup_fn: Any
+    loss_fn: nn.Module
+    lr_scheduler: Any
+    num_epochs: int
+    schedules: List[TemperatureSchedule]
+    start_epoch: int
+    resume_path: str
+
+
+def create_components(args, model: nn.Module, data: TrainData, device: torch.device, output_dir: Path,
+                      schedules: Sequence[TemperatureSchedule]) -> TrainComponents:
+    """Optimizer, AMP, resume (weights, optimizer, scaler), EMA, DDP wrapping, loss and lr schedule, in the order
+    that makes ``--resume`` exact."""
+    from timm.models import load_checkpoint, resume_checkpoint
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+    primary = args.rank == 0
+    optimizer = create_optimizer(args, model, args.world_size)
+    amp_autocast, loss_scaler = _amp_context(args, device)
+    resume_path = _resolve_resume(args, output_dir)
+    start_epoch = 0
+    if resume_path:
+        epoch = resume_checkpoint(model, resume_path, optimizer=None if args.no_resume_opt else optimizer,
+                                  loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=primary)
+        start_epoch = epoch or 0
+        if primary:
+            print(f'resumed from {resume_path}: continuing at epoch {start_epoch}', flush=True)
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+        if resume_path:
+            load_checkpoint(model_ema.module, resume_path, use_ema=True)
+    model_plain = model
+    if args.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+    mixup_fn, loss_fn = create_loss(args, model_plain.num_classes)
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        decay_milestones=args.decay_milestones, decay_rate=args.decay_rate, min_lr=args.min_lr,
+        warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, cooldown_epochs=args.cooldown_epochs,
+        step_on_epochs=not args.sched_on_updates, updates_per_epoch=data.steps_per_epoch)
+    if start_epoch > 0:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * data.steps_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+    return TrainComponents(model, model_plain, model_ema, optimizer, amp_autocast, loss_scaler, mixup_fn, loss_fn,
+                           lr_scheduler, num_epochs, list(schedules), start_epoch, resume_path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# one epoch, evaluation
+
+
+def train_one_epoch(args, c: TrainComponents, data: TrainData, epoch: int, num_updates: int,
+                    device: torch.device) -> Tuple[float, int, Dict[str, float]]:
+    """One epoch of optimizer updates of ``args.grad_accum_steps`` micro-batches each; returns the mean micro-batch
+    loss, the number of updates done so far and the temperatures set during the epoch."""
+    from timm.utils import random_seed
+    random_seed(args.seed + epoch, args.rank)  # per-epoch reseed: resume reproduces the uninterrupted run
+    loader, model, optimizer, loss_scaler = data.loader_train, c.model, c.optimizer, c.loss_scaler
+    if args.distributed and hasattr(loader.sampler, 'set_epoch'):
+        loader.sampler.set_epoch(epoch)
+    primary, steps = args.rank == 0, data.steps_per_epoch
+    temps = apply_temperatures(c.model_plain, c.schedules, epoch * steps, steps, per_step=False)
+    model.train()
+    accum = max(1, args.grad_accum_steps)
+    loss_sum, loss_count = 0.0, 0
+    it = _progress(loader, primary and not args.no_progress, f'epoch {epoch}/{c.num_epochs - 1}')
+    last_micro = len(loader) - 1
+    optimizer.zero_grad(set_to_none=True)
+    for micro, (x, y) in enumerate(it):
+        step = micro // accum
+        update = (micro + 1) % accum == 0 or micro == last_micro
+        if micro % accum == 0:
+            temps.update(apply_temperatures(c.model_plain, c.schedules, epoch * steps + step, steps, per_step=True))
+        x, y = x.to(device), y.to(device)
+        if c.mixup_fn is not None:
+            x, y = c.mixup_fn(x, y)
+        sync = model.no_sync if args.distributed and not update else nullcontext
+        with sync():
+            with c.amp_autocast():
+                loss = c.loss_fn(model(x), y)
+            if loss_scaler is not None:
+                loss_scaler(loss / accum, optimizer, clip_grad=args.clip_grad, parameters=model.parameters(),
+                            need_update=update)
+            else:
+                (loss / accum).backward()
+        loss_sum += loss.item()
+        loss_count += 1
+        if not update:
+            continue
+        if loss_scaler is None:
+            if args.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        num_updates += 1
+        if c.model_ema is not None:
+            c.model_ema.update(c.model_plain, step=num_updates)
+        c.lr_scheduler.step_update(num_updates=num_updates)
+        if hasattr(it, 'set_postfix'):
+            it.set_postfix(loss=f'{loss_sum / loss_count:.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
+        elif primary and args.log_interval and (step % args.log_interval == 0 or step == steps - 1):
+            _logger.info(f'epoch {epoch} step {step}/{steps} loss {loss_sum / loss_count:.4f}')
+    return loss_sum / max(loss_count, 1), num_updates, temps
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp_autocast=nullcontext, distributed: bool = False,
              progress: bool = False, desc: str = 'eval') -> Dict[str, float]:
@@ -451,6 +679,21 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_autocast=nullco
             'samples': int(sums[3].item())}
 
 
+def evaluate_epoch(args, c: TrainComponents, data: TrainData, device: torch.device) -> Dict[str, Dict[str, float]]:
+    """``{'eval': ...}`` of the model and, with EMA, ``'eval_ema'``; BatchNorm statistics are synchronised across
+    ranks first (``--dist-bn``)."""
+    from timm.utils import distribute_bn
+    dist_bn = args.distributed and args.dist_bn
+    if dist_bn:
+        distribute_bn(c.model, args.world_size, args.dist_bn == 'reduce')
+    out = {'eval': evaluate(c.model, data.loader_eval, device, c.amp_autocast, args.distributed)}
+    if c.model_ema is not None:
+        if dist_bn:
+            distribute_bn(c.model_ema, args.world_size, args.dist_bn == 'reduce')
+        out['eval_ema'] = evaluate(c.model_ema.module, data.loader_eval, device, c.amp_autocast, args.distributed)
+    return out
+
+
 def _progress(iterable, enabled: bool, desc: str):
     if not enabled:
         return iterable
@@ -459,18 +702,25 @@ def _progress(iterable, enabled: bool, desc: str):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the run
+# checkpoints and results
 
 
-@dataclass
-class TrainResult:
-    model: nn.Module
-    model_ema: Optional[nn.Module]
-    output_dir: Path
-    best_metric: Optional[float]
-    best_epoch: Optional[int]
-    history: List[Dict[str, Any]] = field(default_factory=list)
-    results: Dict[str, Any] = field(default_factory=dict)
+def create_saver(args, c: TrainComponents, output_dir: Path):
+    """timm's ``CheckpointSaver`` (rank 0 only) and the epochs of ``results.json`` before a resume."""
+    from timm.utils import CheckpointSaver
+    output_dir.mkdir(parents=True, exist_ok=True)
+    saver = CheckpointSaver(
+        model=c.model, optimizer=c.optimizer, args=args, model_ema=c.model_ema, amp_scaler=c.loss_scaler,
+        checkpoint_dir=str(output_dir), recovery_dir=str(output_dir), decreasing=args.eval_metric == 'loss',
+        max_history=args.checkpoint_hist)
+    history: List[Dict[str, Any]] = []
+    if c.resume_path:
+        saver.load_state_dict_from_checkpoint(c.resume_path)
+        results_path = output_dir / RESULTS_FILE
+        if results_path.is_file():  # keep the history of the epochs before the resume
+            history = [h for h in json.loads(results_path.read_text()).get('history', [])
+                       if h['epoch'] < c.start_epoch]
+    return saver, history
 
 
 def _versions() -> Dict[str, str]:
@@ -480,231 +730,21 @@ def _versions() -> Dict[str, str]:
             'python': platform.python_version()}
 
 
-def _resolve_resume(args, output_dir: Path) -> str:
-    if args.resume == 'auto':
-        last = output_dir / CHECKPOINT_LAST
-        return str(last) if last.is_file() else ''
-    if args.resume and not Path(args.resume).is_file():
-        raise FileNotFoundError(f'--resume {args.resume!r}: no such checkpoint')
-    return args.resume
-
-
-def train(args: argparse.Namespace) -> TrainResult:
-    """Run the training described by ``args`` (see :func:`parse_args`); DDP when launched by torchrun."""
-    from timm.data import Mixup, create_loader, resolve_data_config
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.models import load_checkpoint, resume_checkpoint
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import CheckpointSaver, ModelEmaV3, distribute_bn, init_distributed_device, random_seed
-
-    t_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not args.device:
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device = init_distributed_device(args)  # sets args.rank / world_size / distributed (env:// from torchrun)
-    primary = args.rank == 0
-    progress = primary and not args.no_progress
-    if args.distributed:
-        _logger.info(f'DDP rank {args.rank}/{args.world_size} on {device} ({args.dist_backend or "auto"} backend)')
-
-    schedules = [TemperatureSchedule.from_dict(t) for t in args.temperature]
-    random_seed(args.seed, 0)  # identical initial weights on every rank
-    model = create_model(args)
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    if schedules:  # fail before training when a schedule names a role the model lacks
-        apply_temperatures(model, schedules, 0, 0, 1, per_step=False)
-        apply_temperatures(model, schedules, 0, 0, 1, per_step=True)
-    model.to(device)
-    if args.distributed and args.sync_bn:
-        from timm.layers import convert_sync_batchnorm
-        model = convert_sync_batchnorm(model)
-
-    size = args.input_size or args.img_size
-    data_config = resolve_data_config(
-        args={k: v for k, v in dict(
-            input_size=(3, size, size) if size else None,
-            mean=args.mean, std=args.std, interpolation=args.interpolation or None,
-            crop_pct=args.crop_pct).items() if v is not None},
-        model=model, verbose=False)
-    train_ds, val_ds, data_desc = create_datasets(args)
-    loader_train = create_loader(
-        train_ds, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-        scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
-        color_jitter=args.color_jitter, auto_augment=args.aa,
-        num_aug_repeats=args.aug_repeats if args.distributed else 0,
-        interpolation=args.train_interpolation or data_config['interpolation'], mean=data_config['mean'],
-        std=data_config['std'],
-        num_workers=args.workers, distributed=args.distributed, use_prefetcher=False, device=device)
-    loader_eval = create_loader(
-        val_ds, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
-        is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
-        std=data_config['std'], crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'),
-        num_workers=args.workers, distributed=args.distributed, use_prefetcher=False, device=device)
-    accum = max(1, args.grad_accum_steps)
-    steps_per_epoch = math.ceil(len(loader_train) / accum)  # optimizer updates per epoch
-    if len(loader_train) == 0:
-        raise ValueError(f'training set of {len(train_ds)} images is smaller than one batch of {args.batch_size}')
-
-    optimizer = create_optimizer(args, model, args.world_size)
-    amp_autocast, loss_scaler = _amp_context(args, device)
-
-    output_dir = Path(args.output or Path('output') / 'train' / (f'{args.model}.{args.tag}' if args.tag
-                                                                   else args.model))
-    resume_path = _resolve_resume(args, output_dir)
-    start_epoch = 0
-    if resume_path:
-        epoch = resume_checkpoint(model, resume_path, optimizer=None if args.no_resume_opt else optimizer,
-                                  loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=primary)
-        start_epoch = epoch or 0
-        if primary:
-            print(f'resumed from {resume_path}: continuing at epoch {start_epoch}', flush=True)
-
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
-        if resume_path:
-            load_checkpoint(model_ema.module, resume_path, use_ema=True)
-
-    if args.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
-    model_plain = model.module if args.distributed else model
-
-    mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
-        mixup_fn = Mixup(
-            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-            prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-            label_smoothing=args.smoothing, num_classes=model_plain.num_classes)
-        train_loss_fn = SoftTargetCrossEntropy()
-    elif args.smoothing:
-        train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        train_loss_fn = nn.CrossEntropyLoss()
-
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        decay_milestones=args.decay_milestones, decay_rate=args.decay_rate, min_lr=args.min_lr,
-        warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, cooldown_epochs=args.cooldown_epochs,
-        step_on_epochs=not args.sched_on_updates, updates_per_epoch=steps_per_epoch)
-    if start_epoch > 0:
-        if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * steps_per_epoch)
-        else:
-            lr_scheduler.step(start_epoch)
-
-    saver = None
-    history: List[Dict[str, Any]] = []
-    results_path = output_dir / RESULTS_FILE
-    if primary:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        saver = CheckpointSaver(
-            model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
-            checkpoint_dir=str(output_dir), recovery_dir=str(output_dir), decreasing=args.eval_metric == 'loss',
-            max_history=args.checkpoint_hist)
-        if resume_path:
-            saver.load_state_dict_from_checkpoint(resume_path)
-            if results_path.is_file():  # keep the history of the epochs before the resume
-                history = [h for h in json.loads(results_path.read_text()).get('history', [])
-                           if h['epoch'] < start_epoch]
-        print(f'{args.model}: {sum(p.numel() for p in model_plain.parameters()):,} params, '
-              f'{len(train_ds)} train / {len(val_ds)} val images, {steps_per_epoch} steps/epoch x '
-              f'{args.world_size} process(es), epochs {start_epoch}..{num_epochs - 1}, output {output_dir}',
-              flush=True)
-
-    weights_kind = 'ema' if model_ema is not None else 'model'
-    num_updates = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, num_epochs):
-        random_seed(args.seed + epoch, args.rank)  # per-epoch reseed: resume reproduces the uninterrupted run
-        if args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
-            loader_train.sampler.set_epoch(epoch)
-        temps = apply_temperatures(model_plain, schedules, epoch, 0, steps_per_epoch, per_step=False)
-        model.train()
-        loss_sum, loss_count, t_epoch = 0.0, 0, time.perf_counter()
-        it = _progress(loader_train, progress, f'epoch {epoch}/{num_epochs - 1}')
-        last_micro = len(loader_train) - 1
-        optimizer.zero_grad(set_to_none=True)
-        for micro, (x, y) in enumerate(it):
-            step = micro // accum
-            update = (micro + 1) % accum == 0 or micro == last_micro
-            if micro % accum == 0:
-                temps.update(apply_temperatures(model_plain, schedules, epoch, step, steps_per_epoch, per_step=True))
-            x, y = x.to(device), y.to(device)
-            if mixup_fn is not None:
-                x, y = mixup_fn(x, y)
-            sync = model.no_sync if args.distributed and not update else nullcontext
-            with sync():
-                with amp_autocast():
-                    loss = train_loss_fn(model(x), y)
-                if loss_scaler is not None:
-                    loss_scaler(loss / accum, optimizer, clip_grad=args.clip_grad, parameters=model.parameters(),
-                                need_update=update)
-                else:
-                    (loss / accum).backward()
-            loss_sum += loss.item()
-            loss_count += 1
-            if not update:
-                continue
-            if loss_scaler is None:
-                if args.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            num_updates += 1
-            if model_ema is not None:
-                model_ema.update(model_plain, step=num_updates)
-            lr_scheduler.step_update(num_updates=num_updates)
-            if progress and hasattr(it, 'set_postfix'):
-                it.set_postfix(loss=f'{loss_sum / loss_count:.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
-            elif primary and args.log_interval and (step % args.log_interval == 0 or step == steps_per_epoch - 1):
-                _logger.info(f'epoch {epoch} step {step}/{steps_per_epoch} loss {loss_sum / loss_count:.4f}')
-        if args.distributed and args.dist_bn:
-            distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
-        train_time = time.perf_counter() - t_epoch
-        metrics = evaluate(model, loader_eval, device, amp_autocast, args.distributed)
-        record = {'epoch': epoch, 'train_loss': loss_sum / max(loss_count, 1), 'train_time_s': train_time,
-                  'lr': optimizer.param_groups[0]['lr'], 'temperature': temps, 'eval': metrics}
-        if model_ema is not None:
-            if args.distributed and args.dist_bn:
-                distribute_bn(model_ema, args.world_size, args.dist_bn == 'reduce')
-            record['eval_ema'] = evaluate(model_ema.module, loader_eval, device, amp_autocast, args.distributed)
-        ranked = record['eval_ema' if model_ema is not None else 'eval']
-        lr_scheduler.step(epoch + 1, ranked[args.eval_metric])
-        history.append(record)
-        if saver is not None:
-            saver.save_checkpoint(epoch, metric=ranked[args.eval_metric])
-            _write_results(results_path, args, history, saver, weights_kind, data_config, data_desc,
-                           time.perf_counter() - t_start, len(train_ds), len(val_ds))
-            print(f'epoch {epoch}: train loss {record["train_loss"]:.4f} | val top1 {metrics["top1"]:.2f} '
-                  f'top5 {metrics["top5"]:.2f} loss {metrics["loss"]:.4f}'
-                  + (f' | ema top1 {record["eval_ema"]["top1"]:.2f}' if model_ema is not None else '')
-                  + f' | {train_time:.1f}s' + (f' | T {temps}' if temps else ''), flush=True)
-
-    results = json.loads(results_path.read_text()) if primary and results_path.is_file() else {}
-    if args.distributed:
-        torch.distributed.barrier()
-    return TrainResult(
-        model=model_plain, model_ema=model_ema.module if model_ema is not None else None, output_dir=output_dir,
-        best_metric=saver.best_metric if saver else None, best_epoch=saver.best_epoch if saver else None,
-        history=history, results=results)
-
-
-def _write_results(path: Path, args, history, saver, weights_kind, data_config, data_desc, wall_time,
-                   n_train, n_val) -> None:
+def write_results(path: Path, args, history: List[Dict[str, Any]], saver, weights_kind: str, data: TrainData,
+                  wall_time: float) -> None:
+    """``results.json``: the best epoch, its metrics with the evaluation protocol, the recipe and the history."""
     best_epoch = saver.best_epoch if saver.best_epoch is not None else history[-1]['epoch']
     best = next(h for h in history if h['epoch'] == best_epoch)
     best_eval = best['eval_ema' if weights_kind == 'ema' else 'eval']
+    data_config = data.data_config
     size = data_config['input_size']
-    protocol = (f'{data_desc}; single {size[1]}x{size[2]} view ({data_config["interpolation"]} resize, '
+    protocol = (f'{data.description}; single {size[1]}x{size[2]} view ({data_config["interpolation"]} resize, '
                 f'crop_pct {data_config["crop_pct"]}), accuracy over all {best_eval["samples"]} validation images')
     results = {
         'model': args.model, 'tag': args.tag, 'num_classes': args.num_classes,
         'model_kwargs': dict(args.model_kwargs or {}),
-        'dataset': {'name': args.dataset, 'split': 'validation', 'description': data_desc,
-                    'train_images': n_train, 'val_images': n_val, 'split_seed': args.split_seed},
+        'dataset': {'name': args.dataset, 'split': 'validation', 'description': data.description,
+                    'train_images': data.num_train, 'val_images': data.num_val, 'split_seed': args.split_seed},
         'protocol': protocol,
         'weights': weights_kind,
         'checkpoint': CHECKPOINT_BEST if saver.best_epoch is not None else CHECKPOINT_LAST,
@@ -725,7 +765,76 @@ def _write_results(path: Path, args, history, saver, weights_kind, data_config, 
     os.replace(tmp, path)
 
 
-def cli_main(argv: Optional[Sequence[str]] = None) -> int:
+def _epoch_line(record: Dict[str, Any]) -> str:
+    m = record['eval']
+    return (f'epoch {record["epoch"]}: train loss {record["train_loss"]:.4f} | val top1 {m["top1"]:.2f} '
+            f'top5 {m["top5"]:.2f} loss {m["loss"]:.4f}'
+            + (f' | ema top1 {record["eval_ema"]["top1"]:.2f}' if 'eval_ema' in record else '')
+            + f' | {record["train_time_s"]:.1f}s' + (f' | T {record["temperature"]}' if record['temperature'] else ''))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    model_ema: Optional[nn.Module]
+    output_dir: Path
+    best_metric: Optional[float]
+    best_epoch: Optional[int]
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    results: Dict[str, Any] = field(default_factory=dict)
+
+
+def train(args: argparse.Namespace) -> TrainResult:
+    """Run the training described by ``args`` (see :func:`parse_args`); DDP when launched by torchrun."""
+    t_start = time.perf_counter()
+    device = init_devices(args)
+    primary = args.rank == 0
+
+    schedules = [TemperatureSchedule.from_dict(t) for t in args.temperature]
+    model = setup_model(args, schedules, device)
+    data = create_data(args, model, device)
+    output_dir = Path(args.output or Path('output') / 'train' / (f'{args.model}.{args.tag}' if args.tag
+                                                                   else args.model))
+    c = create_components(args, model, data, device, output_dir, schedules)
+
+    saver, history = create_saver(args, c, output_dir) if primary else (None, [])
+    results_path = output_dir / RESULTS_FILE
+    if primary:
+        print(f'{args.model}: {sum(p.numel() for p in c.model_plain.parameters()):,} params, '
+              f'{data.num_train} train / {data.num_val} val images, {data.steps_per_epoch} steps/epoch x '
+              f'{args.world_size} process(es), epochs {c.start_epoch}..{c.num_epochs - 1}, output {output_dir}',
+              flush=True)
+    weights_kind = 'ema' if c.model_ema is not None else 'model'
+    num_updates = c.start_epoch * data.steps_per_epoch
+    for epoch in range(c.start_epoch, c.num_epochs):
+        t_epoch = time.perf_counter()
+        train_loss, num_updates, temps = train_one_epoch(args, c, data, epoch, num_updates, device)
+        record = {'epoch': epoch, 'train_loss': train_loss, 'train_time_s': time.perf_counter() - t_epoch,
+                  'lr': c.optimizer.param_groups[0]['lr'], 'temperature': temps}
+        record.update(evaluate_epoch(args, c, data, device))
+        ranked = record['eval_ema' if c.model_ema is not None else 'eval'][args.eval_metric]
+        c.lr_scheduler.step(epoch + 1, ranked)
+        history.append(record)
+        if saver is not None:
+            saver.save_checkpoint(epoch, metric=ranked)
+            write_results(results_path, args, history, saver, weights_kind, data, time.perf_counter() - t_start)
+            print(_epoch_line(record), flush=True)
+
+    results = json.loads(results_path.read_text()) if primary and results_path.is_file() else {}
+    if args.distributed:
+        torch.distributed.barrier()
+    return TrainResult(
+        model=c.model_plain, model_ema=c.model_ema.module if c.model_ema is not None else None,
+        output_dir=output_dir, best_metric=saver.best_metric if saver else None,
+        best_epoch=saver.best_epoch if saver else None, history=history, results=results)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``dynzoo train`` (``torchrun ... -m dynzoo train`` for DDP)."""
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = parse_args(argv)
     result = train(args)
@@ -739,4 +848,4 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(cli_main())
+    sys.exit(main())
