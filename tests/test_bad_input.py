@@ -326,8 +326,8 @@ def test_model_wrong_rank_and_channels(name):
     (dict(in_channels=6, out_channels=8, groups=4), r'must be divisible by groups \(4\)'),
     (dict(num_kernels=0), 'num_kernels must be >= 1, got 0'),
     (dict(strategy='fast'), "Unknown execution strategy 'fast'"),
-    (dict(kernel_temperature=0.0), 'temperature must be > 0, got 0.0'),
-    (dict(gate_temperature=-1.0), 'temperature must be > 0, got -1.0'),
+    (dict(kernel_temperature=0.0), 'temperature must be finite and > 0, got 0.0'),
+    (dict(gate_temperature=-1.0), 'temperature must be finite and > 0, got -1.0'),
     (dict(use_kernel_attn=False), 'use_kernel_attn=False requires num_kernels=1'),
 ])
 def test_layer_bad_config(kwargs, match):
@@ -339,7 +339,7 @@ def test_layer_bad_config(kwargs, match):
 
 def test_set_temperature_bad_values():
     model = timm.create_model(SMALL, device='meta')
-    with pytest.raises(ValueError, match='temperature must be > 0'):
+    with pytest.raises(ValueError, match='temperature must be finite and > 0'):
         dynzoo.set_temperature(model, 0.0)
     with pytest.raises(ValueError, match='has no attention head with a kernel temperature'):
         dynzoo.set_temperature(torch.nn.Conv2d(3, 3, 1), 2.0)
