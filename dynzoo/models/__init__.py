@@ -6,6 +6,7 @@ from . import sgdm
 from . import a2d2c
 from . import odconv
 from . import dmf
+from . import atconv_transformers
 
 
 def list_dynzoo_models():

@@ -38,13 +38,13 @@ from timm.models._efficientnet_builder import (
 from timm.models.efficientnet import EfficientNet
 from timm.models.resnet import BasicBlock, Bottleneck
 
-from dynzoo.layers import fusion
+from dynzoo.layers.conv_norm import ConvNormSequential, fold_conv_norm
 from dynzoo.layers.dynamic import DynamicConv2dBase
 from ._builder import build_dynzoo_model
 
 __all__ = [
     'DynamicResNet', 'DynamicMobileNetV2', 'create_host', 'HOSTS', 'HOST_CFGS', 'PLACEMENTS', 'MOBILENETV2_ARCH',
-    'mobilenetv2_block_names', 'fold_conv_norm', 'ConvNormSequential', 'ReparamBasicBlock', 'ReparamBottleneck',
+    'mobilenetv2_block_names', 'ReparamBasicBlock', 'ReparamBottleneck',
     'ReparamDepthwiseSeparableConv', 'ReparamInvertedResidual', 'replace_convs', 'select_convs',
     'dynamic_bias_names',
 ]
@@ -54,42 +54,6 @@ Predicate = Callable[[str, nn.Conv2d], bool]
 
 
 # ---- the inference form of the blocks ------------------------------------------------------------------------------
-
-@torch.no_grad()
-def fold_conv_norm(parent: nn.Module, conv_name: str, norm_name: str) -> None:
-    """Fold the BatchNorm ``parent.<norm_name>`` into the conv ``parent.<conv_name>`` before it.
-
-    A static ``nn.Conv2d`` is replaced by its fused form (``fusion.fuse_conv_bn``), a dynamic conv folds the norm
-    into its bank (``fuse_bn``); the norm is replaced by what remains of it (``fusion.norm_act_remainder``). A norm
-    that is not a BatchNorm (already folded: the structural sentinel) is left alone, so folding twice is a no-op.
-    """
-    norm = getattr(parent, norm_name)
-    if not fusion.is_batchnorm(norm):
-        return
-    conv = getattr(parent, conv_name)
-    if type(conv) is nn.Conv2d:
-        setattr(parent, conv_name, fusion.fuse_conv_bn(conv, norm))
-    elif callable(getattr(conv, 'fuse_bn', None)):
-        conv.fuse_bn(norm)
-    else:
-        raise TypeError(f'cannot fold {norm_name} into {type(conv).__name__} {conv_name}')
-    setattr(parent, norm_name, fusion.norm_act_remainder(norm))
-
-
-class ConvNormSequential(nn.Sequential):
-    """An ``nn.Sequential`` (timm's ResNet downsample: ``[pool,] conv, norm``) that folds its conv -> BatchNorm
-    neighbours in :meth:`reparameterize`; same children, same state-dict keys."""
-
-    def __init__(self, *layers: nn.Module, inference_mode: bool = False):
-        super().__init__(*layers)
-        if inference_mode:
-            self.reparameterize()
-
-    def reparameterize(self) -> None:
-        names = list(self._modules)
-        for conv_name, norm_name in zip(names[:-1], names[1:]):
-            fold_conv_norm(self, conv_name, norm_name)
-
 
 class _ReparamBlock:
     """Adds ``inference_mode`` and :meth:`reparameterize` to a timm block: ``conv_norm_pairs`` name the block's own

@@ -41,10 +41,10 @@ from timm.models import register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from dynzoo.models import _hub as hub
 from dynzoo.layers.atconv import ATConv2d
+from dynzoo.layers.conv_norm import ConvNormSequential
+from . import _hub as hub
 from ._builder import build_dynzoo_model, dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
-from ._hosts import ConvNormSequential
 
 __all__ = ['AttNet', 'AttNetBlock', 'ConvGLU', 'checkpoint_filter_fn', 'ATTNET_CONFIGS']
 

@@ -16,7 +16,7 @@ YOLO / FPN neck (``docs/sgdm.md``). ``pretrained=True`` raises: no checkpoint ex
   (a plain resnet18 state dict loads with ``strict=False``, only the SGDM keys missing).
 
 Inference form (timm's ``reparameterize_model`` / ``dynzoo.reparameterize``, or built directly with
-``inference_mode=True``): every Ultralytics ``Conv`` (:class:`~dynzoo.models.dmf.RepConvNormAct`) and ResNet block
+``inference_mode=True``): every Ultralytics ``Conv`` (:class:`~dynzoo.layers.conv_norm.RepConvNormAct`) and ResNet block
 folds its own BNs, each :class:`~dynzoo.layers.sgdm.SGDM` its static guide and BNs; the ResNet stem's root-level
 ``conv1`` / ``bn1`` stay as they are (an eval BN is exact; timm's walker does not visit the root module).
 """
@@ -31,11 +31,11 @@ from timm.models import ResNet, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 
-from dynzoo.models import _hub as hub
+from dynzoo.layers.conv_norm import RepConvNormAct
 from dynzoo.layers.sgdm import SGDM
+from . import _hub as hub
 from ._builder import build_dynzoo_model, dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
 from ._hosts import ReparamBasicBlock
-from .dmf import RepConvNormAct
 
 __all__ = ['SGDMCSPDarknet', 'SGDMResNet', 'C2f', 'SPPF', 'CSPDarknetStage', 'YoloClassifyHead',
            'checkpoint_filter_fn']
