@@ -14,10 +14,17 @@ load and say so in the log.
 
 "Nothing half-loaded": a failed ``pretrained=True`` load raises before ``load_state_dict`` runs (a spy counts the
 calls), so no model with part of a checkpoint in it ever exists.
+
+The layer side, over every registered model (:data:`ZOO`) and every dynamic layer: an empty batch gives the empty
+output (eval and training, every execution strategy, ``forward_features`` and ``features_only``); training at batch
+size 1 works (an attention head's BatchNorm on pooled vectors falls back to its running statistics; the opt-in
+``single_sample_bn='error'`` raises); a graph traced at one batch size runs at another (one model per family); the
+refusals of bad layer input name the input, the expected and the found.
 """
 import logging
 import os
 import re
+from functools import partial
 
 import pytest
 import torch
@@ -28,7 +35,13 @@ from timm.models import adapt_input_conv
 import dynzoo
 from dynzoo.models import _hub as hub
 from dynzoo.models._builder import known_tags
-from dynzoo.layers import FMDConv2d
+from dynzoo.layers import (
+    A2D2CConv2d, ATConv2d, DEPTHWISE_STRATEGIES, STRATEGIES, DynamicConv2d, DynamicConv2dBase, DynamicResidualConv2d,
+    FMDConv2d, GuidedDynamicConv2d, ODConv2d, PooledBatchNorm2d, RoutedCondConv2d, aggregate_kernels,
+    conv_output_size, per_sample_conv2d, per_sample_depthwise_conv2d,
+)
+from dynzoo.layers.dynamic import tile_plan
+from dynzoo.layers.per_sample import PER_SAMPLE_STRATEGIES
 
 from _hub_server import (
     hub_env, perturbed_state_dict, published_entry, run_user_loads, sha256_bytes, write_hf_cache, write_index,
@@ -341,7 +354,7 @@ def test_set_temperature_bad_values():
     model = timm.create_model(SMALL, device='meta')
     with pytest.raises(ValueError, match='temperature must be finite and > 0'):
         dynzoo.set_temperature(model, 0.0)
-    with pytest.raises(ValueError, match='has no attention head with a kernel temperature'):
+    with pytest.raises(ValueError, match="has no attention head with a 'kernel' temperature"):
         dynzoo.set_temperature(torch.nn.Conv2d(3, 3, 1), 2.0)
 
 
@@ -461,3 +474,237 @@ def test_float_dtypes_convert_with_one_message(family, tmp_path, caplog):
     n_half = sum(1 for k, v in sd.items() if v.is_floating_point()) - 1
     assert f'{n_half} tensor(s) from torch.float16 to torch.float32' in records[0].getMessage()
     assert '1 tensor(s) from torch.float64 to torch.float32' in records[0].getMessage()
+
+
+# --- the layer side: empty batches, training at batch size 1, traced graphs ------------------------------------------
+
+ZOO = dynzoo.list_dynzoo_models()
+ZOO_INPUT = 64  # every model runs at 64 x 64 here (cheap), a fixed-size one at its own size
+# the families whose heads hold a BatchNorm on pooled vectors (a PooledBatchNorm2d), each with its pass-through option
+POOLED_BN_MODELS = ['fmdconv_mobilenetv2_050', 'odconv_mobilenetv2_050_1x', 'dmf_xxs']
+# one model of every family, and the token hosts of ATConv (their own forward path)
+TRACE_MODELS = dict(FAMILY_MODELS, atconv_pvt='atconv_pvt_tiny', atconv_swin='atconv_swin_tiny_224')
+# the dynamic layer of every family: factory(in, out, kernel, stride, padding, groups=, strategy=), and its
+# conditioning tensor for a batch (None: none)
+LAYERS = {
+    'fmdconv': (FMDConv2d, None),
+    'odconv': (ODConv2d, None),
+    'dyconv': (DynamicConv2d, None),
+    'condconv': (RoutedCondConv2d, None),
+    'a2d2c': (partial(A2D2CConv2d, num_points=5), None),
+    'a2d2c_plus': (partial(A2D2CConv2d, num_points=5, mode='sum'), None),
+    'sgdm': (GuidedDynamicConv2d, None),
+    'dmf': (partial(DynamicResidualConv2d, token_dim=4), lambda batch: torch.randn(batch, 4)),
+}
+# (in, out, kernel, stride, padding, groups): a grouped 3x3, a pointwise (the 'bmm' form), a strided depthwise
+GEOMETRIES = {'3x3_g2': (8, 12, 3, 1, 1, 2), 'pointwise': (8, 12, 1, 1, 0, 1), 'depthwise_s2': (8, 8, 3, 2, 1, 8)}
+
+
+def _zoo_input_size(model):
+    cfg = model.pretrained_cfg
+    if cfg.get('fixed_input_size'):
+        return tuple(cfg['input_size'])
+    low = cfg.get('min_input_size') or (cfg['input_size'][0], 1, 1)
+    return (cfg['input_size'][0],) + tuple(max(s, ZOO_INPUT) for s in low[1:])
+
+
+@pytest.fixture(scope='module', params=ZOO)
+def built(request):
+    """``(name, model)`` of every registered model, built once (pytest groups the tests of one model)."""
+    torch.manual_seed(0)
+    return request.param, timm.create_model(request.param, num_classes=10)
+
+
+def _strategy_plans():
+    """Every core strategy and every depthwise strategy at least once: ``[(core, depthwise), ...]``."""
+    n = max(len(STRATEGIES), len(DEPTHWISE_STRATEGIES))
+    return [(STRATEGIES[i % len(STRATEGIES)], DEPTHWISE_STRATEGIES[i % len(DEPTHWISE_STRATEGIES)]) for i in range(n)]
+
+
+def _set_strategies(model, core, depthwise):
+    """Pin every dynamic layer of ``model`` to a strategy; returns the previous ones (``{module: strategy}``)."""
+    saved = {}
+    for m in model.modules():
+        if isinstance(m, (DynamicConv2dBase, ATConv2d)):
+            saved[m] = m.strategy
+            m.strategy = core if isinstance(m, DynamicConv2dBase) else depthwise
+    return saved
+
+
+def _non_finite_buffers(model):
+    return [n for n, b in model.named_buffers() if b.is_floating_point() and not torch.isfinite(b).all()]
+
+
+def test_empty_batch_every_strategy(built):
+    """An empty batch gives the empty ``(0, num_classes)`` output, as timm's own models do: in eval and in training
+    (backward included, no statistic touched), in every execution strategy, ``forward_features`` too."""
+    name, model = built
+    x = torch.randn((0,) + _zoo_input_size(model))
+    n_layers = len(_set_strategies(model, 'auto', 'auto'))
+    assert n_layers > 0, f'{name} has no dynamic layer'
+    for core, depthwise in _strategy_plans():
+        saved = _set_strategies(model, core, depthwise)
+        try:
+            with torch.no_grad():
+                model.eval()
+                assert model(x).shape == (0, 10), (name, core, depthwise)
+                assert model.forward_features(x).shape[0] == 0, (name, core, depthwise)
+            model.train()
+            xg = x.clone().requires_grad_()
+            y = model(xg)
+            assert y.shape == (0, 10), (name, core, depthwise)
+            y.sum().backward()
+            assert xg.grad is not None and xg.grad.shape == x.shape
+        finally:
+            for m, s in saved.items():
+                m.strategy = s
+            model.zero_grad(set_to_none=True)
+    assert _non_finite_buffers(model) == [], f'{name}: an empty training batch left non-finite statistics'
+
+
+@pytest.mark.parametrize('name', list(TRACE_MODELS.values()), ids=list(TRACE_MODELS))
+def test_empty_batch_features_only(name):
+    model = timm.create_model(name, features_only=True).eval()
+    x = torch.randn((0,) + _zoo_input_size(model))
+    with torch.no_grad():
+        features = model(x)
+    assert [f.shape[0] for f in features] == [0] * len(features)
+    assert [f.shape[1] for f in features] == model.feature_info.channels()
+
+
+def test_train_at_batch_size_one(built):
+    """A forward + backward at batch size 1 in training mode (a YOLO-style warm-up): an attention head's BatchNorm
+    on pooled vectors (a PooledBatchNorm2d) normalises the single sample with its running statistics and leaves them
+    as they were; every other layer trains as usual."""
+    name, model = built
+    model.train()
+    pooled = {n: (m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked))
+              for n, m in model.named_modules() if isinstance(m, PooledBatchNorm2d)}
+    try:
+        y = model(torch.randn((1,) + _zoo_input_size(model)))
+        assert y.shape == (1, 10) and torch.isfinite(y).all()
+        y.logsumexp(1).sum().backward()
+        assert any(p.grad is not None for p in model.parameters())
+    finally:
+        model.zero_grad(set_to_none=True)
+    modules = dict(model.named_modules())
+    for n, (mean, var, tracked) in pooled.items():
+        bn = modules[n]
+        assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var), n
+        assert int(bn.num_batches_tracked) == tracked, n
+    assert _non_finite_buffers(model) == []
+
+
+@pytest.mark.parametrize('name', POOLED_BN_MODELS)
+def test_single_sample_bn_error_mode(name):
+    """``single_sample_bn='error'`` (the opt-in) refuses a training batch of one sample with the fix named; a batch
+    of two trains; the default is ``'running'``."""
+    model = timm.create_model(name, num_classes=10, single_sample_bn='error').train()
+    assert any(isinstance(m, PooledBatchNorm2d) for m in model.modules())
+    with pytest.raises(ValueError, match=r"training input of shape \(1, \d+, 1, 1\): one value per channel, .* "
+                                         r"\(expected >= 2\): train with a per-device batch >= 2, .*SyncBatchNorm"):
+        model(torch.randn(1, 3, ZOO_INPUT, ZOO_INPUT))
+    assert model(torch.randn(2, 3, ZOO_INPUT, ZOO_INPUT)).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"single_sample_bn must be one of \('running', 'error'\), got 'skip'"):
+        timm.create_model(name, single_sample_bn='skip', device='meta')
+
+
+@pytest.mark.parametrize('name', list(TRACE_MODELS.values()), ids=list(TRACE_MODELS))
+def test_trace_at_one_batch_size_runs_at_another(name):
+    """``torch.jit.trace`` at batch 2, run at batch 3: the traced graph (the core's per-sample forms run as 'gemm'
+    while tracing) equals the eager model; the weights are moved off their init so the logits are not trivial."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=True,
+                              pretrained_cfg_overlay=dict(state_dict=perturbed_state_dict(name, seed=2))).eval()
+    size = _zoo_input_size(model)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn((2,) + size), check_trace=False)
+        x = torch.randn((3,) + size)
+        expected = model(x)
+        scale = expected.abs().max().item()
+        assert scale > 1e-3, f'{name}: trivial logits'
+        torch.testing.assert_close(traced(x), expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize('geometry', list(GEOMETRIES))
+@pytest.mark.parametrize('strategy', STRATEGIES)
+@pytest.mark.parametrize('family', list(LAYERS))
+def test_layer_empty_batch(family, strategy, geometry):
+    """Every dynamic layer, strategy and geometry: ``(0, C_in, H, W) -> (0, C_out, H', W')``, eval and training."""
+    factory, cond = LAYERS[family]
+    c_in, c_out, k, stride, padding, groups = GEOMETRIES[geometry]
+    layer = factory(c_in, c_out, k, stride, padding, groups=groups, strategy=strategy)
+    out_hw = conv_output_size(7, k, stride, padding, 1)
+    for training in (False, True):
+        layer.train(training)
+        x = torch.randn(0, c_in, 7, 7, requires_grad=training)
+        with torch.set_grad_enabled(training):
+            y = layer(x, None if cond is None else cond(0))
+        assert y.shape == (0, c_out, out_hw, out_hw), (training, y.shape)
+        if training:
+            y.sum().backward()
+            assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize('strategy', DEPTHWISE_STRATEGIES)
+def test_depthwise_empty_batch(strategy):
+    """The per-sample depthwise conv (ATConv's) and ATConv itself, every strategy, eval and training."""
+    x = torch.randn(0, 6, 7, 7, requires_grad=True)
+    y = per_sample_depthwise_conv2d(x, torch.randn(0, 6, 3, 3), (1, 1), strategy)
+    assert y.shape == (0, 6, 7, 7)
+    layer = ATConv2d(6, strategy=strategy)
+    for training in (False, True):
+        layer.train(training)
+        y = layer(x)
+        assert y.shape == (0, 6, 7, 7)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_empty_batch_kernels_and_tile_plan():
+    """The building blocks: per-sample convs in every strategy, the tile plan (an empty batch plans one sample) and
+    the scripted layers (TorchScript dispatches per call)."""
+    x = torch.randn(0, 4, 5, 5)
+    for strategy in PER_SAMPLE_STRATEGIES:
+        y = per_sample_conv2d(x, torch.randn(0, 6, 2, 3, 3), torch.randn(0, 6), (1, 1), (1, 1), (1, 1), 2, strategy)
+        assert y.shape == (0, 6, 5, 5), strategy
+    assert tile_plan(0, 64, 1, 576) == tile_plan(1, 64, 1, 576)
+    assert tile_plan(0, 64, 1, 576, min_samples=8) == tile_plan(1, 64, 1, 576, min_samples=8)
+    for layer in (FMDConv2d(4, 6, 3, padding=1), ATConv2d(4)):
+        assert torch.jit.script(layer.eval())(x).shape == (0, layer(x).shape[1], 5, 5)
+
+
+def test_set_temperature_no_heads_message():
+    """The refusal names the model, the temperature role asked for and the roles the model has."""
+    conv = torch.nn.Conv2d(3, 3, 1)
+    with pytest.raises(ValueError, match=r"^Conv2d has no attention head with a 'kernel' temperature "
+                                         r"\(temperature roles found: none\)$"):
+        dynzoo.set_temperature(conv, 2.0)
+    with pytest.raises(ValueError, match=r'^Conv2d has no attention head with a temperature \(temperature roles '
+                                         r'found: none\)$'):
+        dynzoo.set_temperature(conv, 2.0, role=None)
+    gates_only = FMDConv2d(8, 8, 3, num_kernels=1, use_kernel_attn=False)
+    with pytest.raises(ValueError, match=r"with a 'kernel' temperature \(temperature roles found: 'gate'\)"):
+        dynzoo.set_temperature(gates_only, 2.0)
+    assert dynzoo.set_temperature(gates_only, 2.0, role='gate') == 1
+    with pytest.raises(ValueError, match=r"temperature role must be one of \('kernel', 'gate'\) or None \(every "
+                                         r"role\), got 'softmax'"):
+        dynzoo.set_temperature(gates_only, 2.0, role='softmax')
+
+
+@pytest.mark.parametrize('call, match', [
+    (lambda: aggregate_kernels(torch.randn(4, 6, 2, 3, 3), None),
+     r'kernel_attn \(B, 4\) is required for a bank of 4 kernels, got None'),
+    (lambda: A2D2CConv2d(4, 4, 3, padding=1)(torch.randn(1, 4, 5, 5), torch.full((4, 3), 25)),
+     r'positions must lie in \[0, 25\) for a 5x5 output, got values in \[25, 25\]'),
+    (lambda: ATConv2d(4)(torch.randn(4, 5, 5)), r'ATConv2d expects a 4-D input \(B, C, H, W\), got 3 dims'),
+    (lambda: ATConv2d(4)(torch.randn(1, 3, 5, 5)), r'ATConv2d expects 4 input channels, got 3'),
+    (lambda: DynamicResidualConv2d(4, 4, 3, token_dim=2)(torch.randn(3, 4, 5, 5)),
+     r'conditioned on a token \(3, 2\); got None'),
+    (lambda: FMDConv2d(4, 4, 3, num_kernels=2, use_kernel_attn=False),
+     r'use_kernel_attn=False requires num_kernels=1 .*, got 2'),
+])
+def test_layer_input_messages(call, match):
+    """Each refusal names the input, what was expected and what was found."""
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -1,8 +1,8 @@
 """The weight hub, used the way a user uses it.
 
-Checkpoints are made by the tests themselves (a perturbed ``fmdconv_mobilenetv2_*`` state dict saved as
-safetensors) and listed in a temporary weights index (``$DYNZOO_WEIGHTS_INDEX``) as ``"published"`` with their
-real sha256 and size. ``timm.create_model(name, pretrained=True)`` then loads them
+Checkpoints are made by the tests themselves (a perturbed state dict saved as safetensors) and listed in a temporary
+weights index (``$DYNZOO_WEIGHTS_INDEX``) as ``"published"`` with their real sha256 and size, under the tag of a
+model the authors released weights for (``odconv_mobilenetv2_*_1x``: a model tagged ``.untrained`` has none). ``timm.create_model(name, pretrained=True)`` then loads them
 
 * from a Hugging Face cache laid out on disk, with ``HF_HUB_OFFLINE=1``;
 * from a hub served on 127.0.0.1 through ``HF_ENDPOINT`` (:class:`_hub_server.LocalHub`, bounded, stopped by the
@@ -12,6 +12,7 @@ huggingface_hub reads those variables at import time, so those loads run in a fr
 (:func:`_hub_server.run_user_loads`). Local files (``pretrained_cfg_overlay=dict(file=...)``) and the authors'
 training containers are loaded in-process.
 """
+import dataclasses
 import urllib.error
 import urllib.request
 
@@ -22,6 +23,7 @@ from safetensors.torch import save, save_file
 
 import dynzoo
 from dynzoo.models import _hub as hub
+from dynzoo.models._builder import known_tags
 
 from _hub_server import (
     DEFAULT_COMMIT, LocalHub, hub_env, perturbed_state_dict, published_entry, run_user_loads, sha256_bytes,
@@ -30,8 +32,9 @@ from _hub_server import (
 
 torch.set_num_threads(1)  # 2 shared CPU cores: oversubscribed OpenMP threads only spin
 
-SMALL = 'fmdconv_mobilenetv2_050'
-SMALL2 = 'fmdconv_mobilenetv2_075'
+SMALL = 'fmdconv_mobilenetv2_050'  # local files and the FMDConv authors' containers
+HUB, HUB2 = 'odconv_mobilenetv2_050_1x', 'odconv_mobilenetv2_075_1x'  # the hub path: released, tagged
+TAG, TAG2 = known_tags(HUB)[0], known_tags(HUB2)[0]
 
 
 @pytest.fixture(scope='module')
@@ -40,13 +43,13 @@ def small_sd():
 
 
 @pytest.fixture(scope='module')
-def small_bytes(small_sd):
-    return save(small_sd)
+def hub_bytes():
+    return save(perturbed_state_dict(HUB, seed=1))
 
 
 @pytest.fixture(scope='module')
-def small2_bytes():
-    return save(perturbed_state_dict(SMALL2, seed=2))
+def hub2_bytes():
+    return save(perturbed_state_dict(HUB2, seed=2))
 
 
 def _assert_same_state(model: torch.nn.Module, reference: dict) -> None:
@@ -58,20 +61,20 @@ def _assert_same_state(model: torch.nn.Module, reference: dict) -> None:
 
 # --- from a Hugging Face cache on disk, offline ------------------------------------------------------------------
 
-def test_offline_hf_cache(tmp_path, small_bytes, small2_bytes):
+def test_offline_hf_cache(tmp_path, hub_bytes, hub2_bytes):
     ref = tmp_path / 'reference.safetensors'
-    ref.write_bytes(small_bytes)
+    ref.write_bytes(hub_bytes)
     index = write_index(tmp_path / 'index.json', [
-        published_entry(SMALL, 'in1k', small_bytes),
-        published_entry(SMALL2, 'in1k', small2_bytes),  # published, but not in this (offline) cache
+        published_entry(HUB, TAG, hub_bytes),
+        published_entry(HUB2, TAG2, hub2_bytes),  # published, but not in this (offline) cache
     ])
     env = hub_env(tmp_path, index, offline=True)
-    write_hf_cache(tmp_path / 'hf_home' / 'hub', f'dynzoo/{SMALL}.in1k', 'model.safetensors', small_bytes)
+    write_hf_cache(tmp_path / 'hf_home' / 'hub', f'dynzoo/{HUB}.{TAG}', 'model.safetensors', hub_bytes)
 
     res = run_user_loads([
-        ('plain', SMALL, {}, str(ref)),
-        ('tagged', f'{SMALL}.in1k', {}, str(ref)),
-        ('not_cached', SMALL2, {}, None),
+        ('plain', HUB, {}, str(ref)),
+        ('tagged', f'{HUB}.{TAG}', {}, str(ref)),
+        ('not_cached', HUB2, {}, None),
     ], env)
 
     for label in ('plain', 'tagged'):
@@ -79,31 +82,32 @@ def test_offline_hf_cache(tmp_path, small_bytes, small2_bytes):
         assert res[label]['keys_equal'] and res[label]['max_abs_diff'] == 0.0
     bad = res['not_cached']
     assert not bad['ok'] and bad['is_checkpoint_error']
-    assert f'dynzoo/{SMALL2}.in1k' in bad['message'] and 'Offline?' in bad['message']
+    assert f'dynzoo/{HUB2}.{TAG2}' in bad['message'] and 'Offline?' in bad['message']
     assert 'pretrained_cfg_overlay' in bad['message']
 
 
 # --- from a hub served on 127.0.0.1 through HF_ENDPOINT -------------------------------------------------------
 
-def test_served_hub(tmp_path, small_bytes, small2_bytes):
+def test_served_hub(tmp_path, hub_bytes, hub2_bytes):
     ref, ref2 = tmp_path / 'ref.safetensors', tmp_path / 'ref2.safetensors'
-    ref.write_bytes(small_bytes)
-    ref2.write_bytes(small2_bytes)
-    repo, repo2 = f'dynzoo/{SMALL}.in1k', f'dynzoo/{SMALL2}.in1k'
+    ref.write_bytes(hub_bytes)
+    ref2.write_bytes(hub2_bytes)
+    repo, repo2 = f'dynzoo/{HUB}.{TAG}', f'dynzoo/{HUB2}.{TAG2}'
+    missing = 'odconv_resnet18_1x'
     index = write_index(tmp_path / 'index.json', [
-        published_entry(SMALL, 'in1k', small_bytes),
-        published_entry(SMALL2, 'in1k', small2_bytes),
+        published_entry(HUB, TAG, hub_bytes),
+        published_entry(HUB2, TAG2, hub2_bytes),
         # listed as published, but the hub has no such repository
-        dict(published_entry('fmdconv_resnet18', 'in1k', b'x'), hf_hub_id='dynzoo/missing-repo'),
+        dict(published_entry(missing, known_tags(missing)[0], b'x'), hf_hub_id='dynzoo/missing-repo'),
     ])
-    repos = {repo: {'model.safetensors': small_bytes}, repo2: {'model.safetensors': small2_bytes}}
+    repos = {repo: {'model.safetensors': hub_bytes}, repo2: {'model.safetensors': hub2_bytes}}
     with LocalHub(repos, lfs_repos=(repo2,), max_requests=40, lifetime_s=200) as server:
         env = hub_env(tmp_path, index, endpoint=server.endpoint)
         res = run_user_loads([
-            ('download', SMALL, {}, str(ref)),
-            ('cached', SMALL, {}, str(ref)),  # second load: metadata HEAD only, no second download
-            ('lfs', SMALL2, {}, str(ref2)),
-            ('missing_repo', 'fmdconv_resnet18', {}, None),
+            ('download', HUB, {}, str(ref)),
+            ('cached', HUB, {}, str(ref)),  # second load: metadata HEAD only, no second download
+            ('lfs', HUB2, {}, str(ref2)),
+            ('missing_repo', missing, {}, None),
         ], env)
         requests = list(server.requests)
     assert server._server is None  # stopped by the context manager
@@ -117,15 +121,15 @@ def test_served_hub(tmp_path, small_bytes, small2_bytes):
     assert sum(1 for m, p, s in requests if m == 'GET' and p == resolve and s == 200) == 1, requests
     assert sum(1 for m, p, s in requests if m == 'HEAD' and p == resolve) == 2, requests
     assert sum(1 for m, p, s in requests if m == 'HEAD' and p.startswith(f'/{repo2}/') and s == 302) == 1, requests
-    assert sum(1 for m, p, s in requests if m == 'GET' and p == f'/cdn/{sha256_bytes(small2_bytes)}') == 1, requests
+    assert sum(1 for m, p, s in requests if m == 'GET' and p == f'/cdn/{sha256_bytes(hub2_bytes)}') == 1, requests
 
     bad = res['missing_repo']
     assert not bad['ok'] and bad['is_checkpoint_error']
     assert 'dynzoo/missing-repo' in bad['message'] and 'could not fetch' in bad['message']
 
     # the download landed in the standard cache layout, keyed by the commit the hub announced
-    snap = tmp_path / 'hf_home' / 'hub' / f'models--dynzoo--{SMALL}.in1k' / 'snapshots' / DEFAULT_COMMIT
-    assert (snap / 'model.safetensors').read_bytes() == small_bytes
+    snap = tmp_path / 'hf_home' / 'hub' / f'models--dynzoo--{HUB}.{TAG}' / 'snapshots' / DEFAULT_COMMIT
+    assert (snap / 'model.safetensors').read_bytes() == hub_bytes
 
 
 def test_local_hub_is_bounded():
@@ -156,21 +160,21 @@ def test_pretrained_unavailable_fails_at_once(tmp_path, monkeypatch):
         raise AssertionError('pretrained=True without a published checkpoint must not touch the network')
 
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', _no_download)
-    url = 'https://example.invalid/authors/releases/fmd_resnet18.pth'
+    url = 'https://example.invalid/authors/releases/od_mobilenetv2_050.pth'
     index = write_index(tmp_path / 'index.json', [
-        dict(model=SMALL, tag='in1k', status='not_mirrored', source=dict(url=url), top1=70.23)])
+        dict(model=HUB, tag=TAG, status='not_mirrored', source=dict(url=url), top1=70.23)])
     monkeypatch.setenv(hub.INDEX_ENV, str(index))
     with pytest.raises(dynzoo.PretrainedUnavailableError) as ei:
-        timm.create_model(SMALL, pretrained=True)
+        timm.create_model(HUB, pretrained=True, device='meta')
     msg = str(ei.value)
-    assert f"No published dynzoo checkpoint exists for '{SMALL}.in1k'" in msg
-    assert 'not_mirrored' in msg and url in msg  # what exists
+    assert f"No published dynzoo checkpoint exists for '{HUB}.{TAG}'" in msg
+    assert f'{HUB}.{TAG}: not_mirrored' in msg and url in msg  # what exists
     assert 'pretrained_cfg_overlay=dict(file=' in msg and 'pretrained=False' in msg  # how to load a local file
 
     # nothing at all in the index for the model
     monkeypatch.setenv(hub.INDEX_ENV, str(write_index(tmp_path / 'empty.json', [])))
     with pytest.raises(dynzoo.PretrainedUnavailableError, match='lists no checkpoint at all'):
-        timm.create_model('fmdconv_resnet18', pretrained=True)
+        timm.create_model('fmdconv_resnet18', pretrained=True, device='meta')
 
 
 def test_shipped_index_is_truthful():
@@ -188,6 +192,23 @@ def test_shipped_index_is_truthful():
 
 
 # --- local files and the authors' containers ------------------------------------------------------------------
+
+def test_load_checkpoint_of_a_model(tmp_path, small_sd):
+    """``hub.load_checkpoint`` takes a model built by timm (its pretrained cfg) as well as a cfg dict; anything
+    else is a TypeError that says what it expects."""
+    path = tmp_path / 'w.safetensors'
+    save_file(small_sd, str(path))
+    model = timm.create_model(SMALL, device='meta', pretrained_cfg_overlay=dict(file=str(path)))
+    for source in (model, model.pretrained_cfg, dataclasses.replace(timm.get_pretrained_cfg(SMALL), file=str(path))):
+        sd = hub.load_checkpoint(source)
+        assert set(sd) == set(small_sd) and all(torch.equal(sd[k], v) for k, v in small_sd.items())
+    with pytest.raises(dynzoo.PretrainedUnavailableError, match=f"exists for '{SMALL}"):
+        hub.load_checkpoint(timm.create_model(SMALL, device='meta'))  # no file, and nothing published
+    with pytest.raises(TypeError, match='the Conv2d has no pretrained_cfg'):
+        hub.load_checkpoint(torch.nn.Conv2d(3, 3, 1))
+    with pytest.raises(TypeError, match='expects a pretrained cfg .* got a str'):
+        hub.load_checkpoint(str(path))
+
 
 def test_local_safetensors_and_pth(tmp_path, small_sd):
     st, pth = tmp_path / 'w.safetensors', tmp_path / 'w.pth'

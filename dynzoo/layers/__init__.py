@@ -7,10 +7,11 @@ from .dynamic import (
     select_strategy, set_default_strategy, get_default_strategy,
 )
 from .temperature import TemperatureMixin, fmdconv_temperature, get_temperatures, linear_temperature, set_temperature
-from .heads import KernelAttention, ODConvAttention, RoutingAttention
+from .heads import KernelAttention, ODConvAttention, PooledBatchNorm2d, RoutingAttention
 from .fmdconv import FMDConv2d
 from .a2d2c import A2D2CConv2d
 from .odconv import ODConv2d, DynamicConv2d, RoutedCondConv2d
 from .atconv import ATConv2d
-from .drconv import DynamicResidualConv2d, DRKernelAttention, PooledBatchNorm2d
+from .drconv import DynamicResidualConv2d, DRKernelAttention
 from .sgdm import SGDM, RDConv2d, GuidedDynamicConv2d, StaticStripConv, StripSpatialAttention, razor_split
+from .atconv_tokens import ATConvTokens, ATConvAttention, ATConvSwinBlock, swap_attention_for_atconv

@@ -157,7 +157,8 @@ class A2D2CConv2d(DynamicConv2dBase):
         if positions.dtype != torch.int64:
             raise ValueError(f'positions must be int64, got {positions.dtype}')
         if bool((positions < 0).any()) or bool((positions >= num_pos).any()):
-            raise ValueError(f'positions must lie in [0, {num_pos}) for a {out_hw[0]}x{out_hw[1]} output')
+            raise ValueError(f'positions must lie in [0, {num_pos}) for a {out_hw[0]}x{out_hw[1]} output, got values '
+                             f'in [{int(positions.min())}, {int(positions.max())}]')
         return positions
 
     @staticmethod
@@ -203,11 +204,11 @@ class A2D2CConv2d(DynamicConv2dBase):
             ty = torch.arange(kh, device=x.device).reshape(kh, 1) * (dh * wp)
             tx = torch.arange(kw, device=x.device).reshape(1, kw) * dw
             index = base.unsqueeze(-1) + (ty + tx).reshape(-1)                                # (..., K, M, T)
-            flat = x_pad.reshape(batch, c_in, -1)
+            flat = x_pad.flatten(2)
             if positions.dim() == 2:
                 picked = flat.index_select(2, index.reshape(-1))
             else:
-                picked = flat.gather(2, index.reshape(batch, 1, -1).expand(batch, c_in, k * m * kh * kw))
+                picked = flat.gather(2, index.reshape(batch, 1, k * m * kh * kw).expand(batch, c_in, k * m * kh * kw))
             picked = picked.reshape(batch, c_in, k, m, kh * kw).mean(3)                       # (B, C, K, T)
             return picked.permute(0, 2, 1, 3)
         weights = self.sampling_weights(positions, num_pos, x.dtype)

@@ -161,9 +161,9 @@ class ATConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
-            raise ValueError(f'ATConv2d expects a 4-D input (B, C, H, W), got {x.dim()} dims')
+            raise ValueError(f'ATConv2d expects a 4-D input (B, C, H, W), got {x.dim()} dims (shape {x.shape})')
         if x.shape[1] != self.dim:
-            raise ValueError(f'ATConv2d expects {self.dim} input channels, got {x.shape[1]}')
+            raise ValueError(f'ATConv2d expects {self.dim} input channels, got {x.shape[1]} (shape {x.shape})')
         alpha = self.forward_kernel(x)
         value = self.x_proj(x)
         pad = self.kernel_size // 2

@@ -19,9 +19,10 @@ Per sample ``n``, with the pooled input ``GAP(x_n)`` and a conditioning token ``
   logits before the sigmoid; DMF anneals it 30 -> 1 over the first 10 epochs
   (:func:`~dynzoo.layers.temperature.linear_temperature`) and runs inference at 1.
 * Batch size 1 in training: the attention's BatchNorm sees one value per channel (pooled ``(1, C, 1, 1)``), on
-  which batch statistics do not exist (the authors' code fails there). dynzoo's :class:`PooledBatchNorm2d`
-  normalises such a batch with its running statistics and leaves them untouched (``single_sample_bn='running'``,
-  default); ``'error'`` raises instead, naming the fix (batch >= 2, or SyncBatchNorm across devices).
+  which batch statistics do not exist (the authors' code fails there). It is a
+  :class:`~dynzoo.layers.heads.PooledBatchNorm2d`, which normalises such a batch with its running statistics and
+  leaves them untouched (``single_sample_bn='running'``, default); ``'error'`` raises instead, naming the fix
+  (batch >= 2, or SyncBatchNorm across devices).
 
 The execution (grouped per-sample kernels, dense-K mixing, ...) is the shared core's
 :func:`~dynzoo.layers.dynamic.dynamic_conv2d`; the agnostic kernel is the core's ``static_weight`` and the token its
@@ -38,48 +39,10 @@ from timm.layers import register_notrace_module, to_2tuple
 
 from .dynamic import DynamicAttention, DynamicConv2dBase
 from .fusion import fuse_conv_bn, is_batchnorm
+from .heads import PooledBatchNorm2d
 from .temperature import TemperatureMixin
 
-__all__ = ['PooledBatchNorm2d', 'DRKernelAttention', 'DynamicResidualConv2d']
-
-_SINGLE_SAMPLE_MODES = ('running', 'error')
-
-
-class PooledBatchNorm2d(nn.BatchNorm2d):
-    """``BatchNorm2d`` for pooled ``(B, C, 1, 1)`` vectors that can also train on a single sample.
-
-    In training with one value per channel (``B * H * W == 1``) it normalises with the running statistics and does
-    not update them (``single_sample='running'``), or raises a ``ValueError`` naming the fix (``'error'``).
-    Every other case is exactly ``nn.BatchNorm2d`` (same parameters, buffers and keys).
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 single_sample: str = 'running', device=None, dtype=None):
-        if single_sample not in _SINGLE_SAMPLE_MODES:
-            raise ValueError(f'single_sample must be one of {_SINGLE_SAMPLE_MODES}, got {single_sample!r}')
-        super().__init__(num_features, eps=eps, momentum=momentum, device=device, dtype=dtype)
-        self.single_sample_running = single_sample == 'running'
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch_stats = self.training
-        if batch_stats and x.shape[0] * x.shape[2] * x.shape[3] == 1:
-            if not self.single_sample_running:
-                raise ValueError(
-                    'the kernel attention BatchNorm cannot compute batch statistics from a single sample in '
-                    'training mode: train with a per-device batch >= 2, convert it to SyncBatchNorm, or build the '
-                    "model with single_sample_bn='running' (normalise single samples with the running statistics)")
-            batch_stats = False
-        momentum = 0.0
-        if batch_stats:
-            num_batches_tracked = self.num_batches_tracked
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-            else:
-                momentum = float(self.momentum)
-        return F.batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, batch_stats, momentum, self.eps)
+__all__ = ['DRKernelAttention', 'DynamicResidualConv2d']
 
 
 @register_notrace_module
@@ -131,7 +94,8 @@ class DRKernelAttention(nn.Module, TemperatureMixin):
         batch = pooled.shape[0]
         if self.token_dim > 0:
             if token is None:
-                raise ValueError('this kernel attention is conditioned on a token (B, token_dim); none was given')
+                raise ValueError(
+                    f'this kernel attention is conditioned on a token ({batch}, {self.token_dim}); got None')
             if not torch.jit.is_scripting():
                 self._check_token_eager(token, batch)
             a = torch.cat([token.reshape(batch, self.token_dim, 1, 1).to(pooled.dtype), pooled], dim=1)
@@ -170,7 +134,8 @@ class DynamicResidualConv2d(DynamicConv2dBase):
       ``agnostic_kernel=False`` drops ``W_agn`` and initialises the experts like DynamicConv instead of with zeros
       (the paper's "RCKS off", Table 3: plain dynamic conv with sigmoid attention);
     * ``temperature`` (1 = inference), ``gate`` ``'sigmoid'`` (paper) or ``'softmax'`` (Table 6 ablation),
-      ``single_sample_bn`` see :class:`PooledBatchNorm2d`, ``strategy`` the core's execution strategy;
+      ``single_sample_bn`` see :class:`~dynzoo.layers.heads.PooledBatchNorm2d`, ``strategy`` the core's execution
+      strategy;
     * ``inference_mode`` the attention in its folded form (:meth:`DRKernelAttention.reparameterize`), ``post_bias``
       see :class:`~dynzoo.layers.dynamic.DynamicConv2dBase`.
     """

@@ -40,7 +40,9 @@ Execution strategies, all exact (they agree to float rounding, tested in ``tests
   overrides it.
 
 While a graph is traced or exported (``torch.jit.trace``, ONNX, ``torch.export``) every per-sample form
-(``'grouped'``, ``'tiled'``, ``'loop'``) runs as ``'gemm'``, whose graph does not depend on the batch size.
+(``'grouped'``, ``'tiled'``, ``'loop'``) runs as ``'gemm'``, whose graph does not depend on the batch size: a graph
+traced at one batch size runs at any other. An empty batch ``(0, C_in, H, W)`` gives the empty output
+``(0, C_out, H', W')`` in every strategy (the per-sample forms run it as ``'gemm'``), as ``nn.Conv2d`` does.
 
 Families (FMDConv, ODConv, DynamicConv, CondConv, A2D2C, DMF, SGDM) differ only in their heads: a subclass of
 :class:`DynamicConv2dBase` implements :meth:`DynamicConv2dBase.forward_attention` (and, for SGDM's guide,
@@ -121,7 +123,7 @@ def aggregate_kernels(
     num_k, c_out, c_in_g, kh, kw = weight.shape
     if kernel_attn is None:
         if num_k != 1:
-            raise ValueError('kernel_attn is required when the kernel bank holds more than one kernel')
+            raise ValueError(f'kernel_attn (B, {num_k}) is required for a bank of {num_k} kernels, got None')
         batch = spatial_attn.shape[0] if spatial_attn is not None else 1
         agg = weight.reshape(1, -1).expand(batch, -1)
     else:
@@ -152,12 +154,14 @@ def tile_plan(
     :data:`TILE_BYTES`'s default. With ``min_samples == 1`` rows come first (as many output channels as fit, then
     as many samples); with ``min_samples > 1`` the tile is sized for ``min(batch, min_samples)`` samples first and
     its rows are a multiple of 8 (the multi-thread plan, :func:`tile_config`). With ``groups > 1``, ``rows`` is a
-    multiple of the outputs per group, so a tile covers whole conv groups.
+    multiple of the outputs per group, so a tile covers whole conv groups. An empty batch (``batch == 0``) is
+    planned as one sample.
     """
     per_row = max(1, kernel_row_elems * elem_size)
     step = 1 if groups == 1 else out_channels // groups  # a tile never splits a conv group
-    samples_first = budget // (min(batch, min_samples) * per_row) // 8 * 8  # 0 when under 8 rows would fit
-    if out_channels * per_row * min(batch, min_samples) <= budget:
+    first = max(1, min(batch, min_samples))  # the samples the tile is sized for (one for an empty batch)
+    samples_first = budget // (first * per_row) // 8 * 8  # 0 when under 8 rows would fit
+    if out_channels * per_row * first <= budget:
         rows = out_channels
     elif min_samples > 1 and samples_first // step * step >= 8:
         rows = samples_first // step * step
@@ -339,6 +343,8 @@ def dynamic_conv2d(
     if not torch.jit.is_scripting():
         if strategy == 'tiled' and is_exporting():  # tiling loops would bake the batch size into the graph
             strategy = 'gemm'
+    if strategy == 'tiled' and batch == 0:  # no sample to tile: the empty (0, C_out, H', W') output
+        strategy = 'gemm'
     if strategy not in ('grouped', 'tiled', 'dense', 'bmm', 'gemm', 'loop'):
         raise ValueError(
             "Unknown execution strategy '" + strategy + "'; expected auto, grouped, tiled, dense, bmm, gemm or loop.")
@@ -525,6 +531,26 @@ class DynamicConv2dBase(nn.Module):
         (created here if the layer has none).
         """
         self.post_bias = fold_bn_into_bank_(bn, self.weight, self.bias, self.static_weight, None, self.post_bias)
+
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply``, with the 5-D kernel bank kept in the standard layout under a 4-D memory format.
+
+        ``model.to(memory_format=torch.channels_last)`` (timm's ``--channels-last``) applies the 4-D format to every
+        4-D and 5-D tensor, and torch refuses it on 5-D ones. The bank is mixed, never convolved directly, so it
+        takes the device / dtype of the conversion and keeps its own layout; the aggregated kernels and the
+        activations follow the input's memory format.
+        """
+        def convert(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() != 5:
+                return fn(t)
+            try:
+                return fn(t)
+            except RuntimeError as e:
+                if 'channels_last' not in str(e):
+                    raise
+                return fn(t.flatten(0, 1)).contiguous().view(t.shape)
+
+        return super()._apply(convert, recurse)
 
     def extra_repr(self) -> str:
         s = (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, '

@@ -29,7 +29,9 @@ class FMDConv2d(DynamicConv2dBase):
 
     Args (beyond ``nn.Conv2d``'s): ``num_kernels`` K (paper: 4), ``reduction`` of the channel/filter trunk
     (``A = max(int(C_in*reduction), min_channels)``), ``kernel_ratio`` of the kernel branch
-    (``H = int(C_in*kernel_ratio) + 1``), the two temperatures, and the ablation toggles of Fig. 4.
+    (``H = int(C_in*kernel_ratio) + 1``), the two temperatures, the ablation toggles of Fig. 4, and
+    ``single_sample_bn``, the trunk BatchNorm on a training batch of one sample (``'running'``: its running
+    statistics, where the authors' code fails; ``'error'``: raise; :class:`~dynzoo.layers.heads.PooledBatchNorm2d`).
     ``bias=True`` (a per-kernel bias ``(K, C_out)``) is required to reproduce the paper's Table 9 counts.
     ``inference_mode`` builds the channel/filter trunk with its BatchNorm folded; ``post_bias`` see the base.
     """
@@ -53,6 +55,7 @@ class FMDConv2d(DynamicConv2dBase):
             use_input_attn: bool = True,
             use_output_attn: bool = True,
             use_kernel_attn: bool = True,
+            single_sample_bn: str = 'running',
             strategy: str = 'auto',
             padding_mode: str = 'zeros',
             inference_mode: bool = False,
@@ -70,13 +73,14 @@ class FMDConv2d(DynamicConv2dBase):
                 in_channels, out_channels, self.kernel_size, groups=groups, num_kernels=num_kernels,
                 reduction=reduction, min_channels=min_channels, temperature=gate_temperature,
                 channel_head=use_input_attn, filter_head=use_output_attn, spatial_head=False, kernel_head=False,
-                inference_mode=inference_mode, **dd)
+                single_sample_bn=single_sample_bn, inference_mode=inference_mode, **dd)
         else:
             self.attention = None
         self.attention2 = KernelAttention(in_channels, num_kernels, kernel_ratio, kernel_temperature, **dd) \
             if use_kernel_attn else None
         if self.attention2 is None and num_kernels != 1:
-            raise ValueError('use_kernel_attn=False requires num_kernels=1 (nothing would mix the kernels)')
+            raise ValueError(
+                f'use_kernel_attn=False requires num_kernels=1 (nothing would mix the kernels), got {num_kernels}')
 
     def forward_attention(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> DynamicAttention:
         pooled = F.adaptive_avg_pool2d(x, 1)

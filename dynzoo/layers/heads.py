@@ -8,8 +8,10 @@
   ``GAP -> 1x1 conv -> ReLU -> 1x1 conv -> softmax(z / T)`` (FMDConv's "Attention2", keys ``fc1``, ``fc2``).
 * :class:`RoutingAttention` -- CondConv's (Yang et al. 2019) routing ``sigmoid(FC(GAP(x)))``.
 
-Temperatures are :class:`~dynzoo.layers.temperature.TemperatureMixin` buffers (an authors' FMDConv checkpoint
-converts with its kernel softmax at T = 34, as their code runs it).
+The BatchNorm of a trunk (ODConv's and FMDConv's ``bn``, DMF's kernel attention) is a :class:`PooledBatchNorm2d`,
+which also trains on a single sample (``single_sample_bn``). Temperatures are
+:class:`~dynzoo.layers.temperature.TemperatureMixin` buffers (an authors' FMDConv checkpoint converts with its kernel
+softmax at T = 34, as their code runs it).
 
 ``inference_mode=True`` builds :class:`ODConvAttention` with its trunk BatchNorm folded into ``fc`` (which then has
 a bias), the form :meth:`ODConvAttention.reparameterize` leaves.
@@ -24,7 +26,10 @@ from .dynamic import DynamicAttention
 from .fusion import fuse_conv_bn, is_batchnorm
 from .temperature import TemperatureMixin
 
-__all__ = ['ODConvAttention', 'KernelAttention', 'RoutingAttention', 'softmax_fp32']
+__all__ = [
+    'ODConvAttention', 'KernelAttention', 'RoutingAttention', 'PooledBatchNorm2d', 'SINGLE_SAMPLE_BN_MODES',
+    'softmax_fp32',
+]
 
 
 def softmax_fp32(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -40,6 +45,49 @@ def _kaiming_conv_init(m: nn.Conv2d) -> None:
         nn.init.zeros_(m.bias)
 
 
+SINGLE_SAMPLE_BN_MODES = ('running', 'error')
+
+
+class PooledBatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` for an attention head's pooled ``(B, C, 1, 1)`` vectors that can also train on one sample.
+
+    In training a pooled batch of one sample has one value per channel, from which batch statistics do not exist:
+    ``nn.BatchNorm2d`` raises there (the authors' ODConv and DMF code fails at batch 1, OSVAI/ODConv issue #27, which
+    breaks YOLO-style warm-ups). With ``single_sample='running'`` (dynzoo's default) such a batch is normalised with
+    the running statistics, which it leaves untouched; ``'error'`` raises a ``ValueError`` naming the fix. Every
+    other case is exactly ``nn.BatchNorm2d`` (same parameters, buffers, keys and results; an empty batch included).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 single_sample: str = 'running', device=None, dtype=None):
+        if single_sample not in SINGLE_SAMPLE_BN_MODES:
+            raise ValueError(f'single_sample_bn must be one of {SINGLE_SAMPLE_BN_MODES}, got {single_sample!r}')
+        super().__init__(num_features, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        self.single_sample_running = single_sample == 'running'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch_stats = self.training
+        if batch_stats and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            if not self.single_sample_running:
+                raise ValueError(
+                    f'an attention head\'s BatchNorm got a training input of shape ({x.shape[0]}, {x.shape[1]}, '
+                    f'{x.shape[2]}, {x.shape[3]}): one value per channel, from which batch statistics do not exist '
+                    '(expected >= 2): train with a per-device batch >= 2, convert it to SyncBatchNorm, or build the '
+                    "model with single_sample_bn='running' (normalise single samples with the running statistics)")
+            batch_stats = False
+        momentum = 0.0
+        if batch_stats:
+            num_batches_tracked = self.num_batches_tracked
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+            else:
+                momentum = float(self.momentum)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, batch_stats, momentum, self.eps)
+
+
 class ODConvAttention(nn.Module, TemperatureMixin):
     """ODConv trunk ``GAP -> fc (C_in -> A, no bias) -> BN -> ReLU`` with optional sigmoid/softmax heads.
 
@@ -47,7 +95,9 @@ class ODConvAttention(nn.Module, TemperatureMixin):
     spatial head not for 1x1 kernels (ODConv rules); an absent head returns ``None``. Heads:
     channel ``A -> C_in`` sigmoid, filter ``A -> C_out`` sigmoid, spatial ``A -> kh*kw`` sigmoid,
     kernel ``A -> K`` softmax (only when ``K > 1``), each logit divided by the temperature.
-    ``inference_mode=True``: ``fc`` with a bias and no ``bn`` (what :meth:`reparameterize` leaves).
+    ``single_sample_bn``: the trunk BatchNorm's behaviour on a training batch of one sample (see
+    :class:`PooledBatchNorm2d`). ``inference_mode=True``: ``fc`` with a bias and no ``bn`` (what
+    :meth:`reparameterize` leaves).
     """
 
     def __init__(
@@ -64,6 +114,7 @@ class ODConvAttention(nn.Module, TemperatureMixin):
             filter_head: bool = True,
             spatial_head: bool = True,
             kernel_head: bool = True,
+            single_sample_bn: str = 'running',
             inference_mode: bool = False,
             device=None,
             dtype=None,
@@ -73,7 +124,8 @@ class ODConvAttention(nn.Module, TemperatureMixin):
         attn_channels = max(int(in_channels * reduction), min_channels)
         self._init_temperature(temperature, 'gate' if not kernel_head else 'kernel', device=device)
         self.fc = nn.Conv2d(in_channels, attn_channels, 1, bias=inference_mode, **dd)
-        self.bn = nn.Identity() if inference_mode else nn.BatchNorm2d(attn_channels, **dd)
+        self.bn = nn.Identity() if inference_mode else PooledBatchNorm2d(
+            attn_channels, single_sample=single_sample_bn, **dd)
         self.channel_fc = nn.Conv2d(attn_channels, in_channels, 1, bias=True, **dd) if channel_head else None
         depthwise = in_channels == groups == out_channels
         self.filter_fc = nn.Conv2d(attn_channels, out_channels, 1, bias=True, **dd) \

@@ -37,7 +37,9 @@ class ODConv2d(DynamicConv2dBase):
 
     Args (beyond ``nn.Conv2d``'s): ``num_kernels`` (the authors' ``kernel_num``: 1 for "ODConv (1x)", 4 for
     "(4x)"), ``reduction`` r (1/16) and ``min_channels`` (16) of the trunk ``A = max(int(C_in r), 16)``,
-    ``temperature`` (all four heads; trained 30 -> 1 over 10 epochs, inference at 1).
+    ``temperature`` (all four heads; trained 30 -> 1 over 10 epochs, inference at 1), ``single_sample_bn`` the
+    trunk BatchNorm on a training batch of one sample (``'running'``: its running statistics, where the authors'
+    code fails; ``'error'``: raise; :class:`~dynzoo.layers.heads.PooledBatchNorm2d`).
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class ODConv2d(DynamicConv2dBase):
             reduction: float = 0.0625,
             min_channels: int = 16,
             temperature: float = 1.0,
+            single_sample_bn: str = 'running',
             strategy: str = 'auto',
             padding_mode: str = 'zeros',
             inference_mode: bool = False,
@@ -67,8 +70,8 @@ class ODConv2d(DynamicConv2dBase):
             post_bias=post_bias, strategy=strategy, padding_mode=padding_mode, device=device, dtype=dtype)
         self.attention = ODConvAttention(
             in_channels, out_channels, self.kernel_size, groups=groups, num_kernels=num_kernels,
-            reduction=reduction, min_channels=min_channels, temperature=temperature, inference_mode=inference_mode,
-            device=device, dtype=dtype)
+            reduction=reduction, min_channels=min_channels, temperature=temperature,
+            single_sample_bn=single_sample_bn, inference_mode=inference_mode, device=device, dtype=dtype)
 
     def forward_attention(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> DynamicAttention:
         return self.attention(F.adaptive_avg_pool2d(x, 1))

@@ -12,6 +12,9 @@ and ATConv's per-sample, per-channel depthwise kernels). Strategies, all exact:
   traced or exported, ``'grouped'`` and ``'loop'`` run as ``'gemm'`` automatically (same math, same FLOPs);
 * ``'loop'``     one ``conv2d`` per sample: the reference;
 * ``'shift'``    (depthwise only) the sum of ``kh*kw`` shifted, scaled views of the padded input.
+
+An empty batch ``(0, C, H, W)`` gives the empty output ``(0, C_out, H', W')`` in every strategy (it runs as
+``'gemm'``: there are no samples to fold into conv groups), as ``nn.Conv2d`` does.
 """
 from typing import List, Optional, Tuple
 
@@ -92,6 +95,8 @@ def per_sample_conv2d(
             strategy = 'gemm'
     batch, c_in, h, w = x.shape
     c_out = weight.shape[1]
+    if batch == 0:  # no sample to fold into the conv groups or to loop over: the empty output
+        strategy = 'gemm'
     if strategy == 'gemm':
         return _gemm_conv2d(x, weight, bias, stride, padding, dilation, groups)
     if strategy == 'bmm' and is_pointwise(weight.shape[-2], weight.shape[-1], padding, groups):

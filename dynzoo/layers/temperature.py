@@ -9,12 +9,15 @@ Every schedule is a function of one iteration base: ``step``, the 0-based global
 ``steps_per_epoch`` (default 1, so a schedule updated once per epoch passes the epoch as ``step``).
 """
 import math
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ['TemperatureMixin', 'set_temperature', 'get_temperatures', 'fmdconv_temperature', 'linear_temperature']
+__all__ = [
+    'TemperatureMixin', 'set_temperature', 'get_temperatures', 'fmdconv_temperature', 'linear_temperature',
+    'TEMPERATURE_SCHEDULES', 'TemperatureAnnealing', 'attach_temperature_schedule',
+]
 
 TEMPERATURE_ROLES = ('kernel', 'gate')
 
@@ -44,18 +47,24 @@ class TemperatureMixin:
 def set_temperature(model: nn.Module, temperature: float, role: Optional[str] = 'kernel') -> int:
     """Set the temperature of every head of ``model`` whose role matches (``None``: all roles).
 
-    Returns the number of heads updated; raises if the model has none (so a schedule never silently no-ops) or if
-    ``temperature`` is not finite and positive.
+    Returns the number of heads updated; raises a ``ValueError`` if the model has none of that role (so a schedule
+    never silently no-ops; the message names the roles it has), if ``role`` is unknown, or if ``temperature`` is not
+    finite and positive. The buffers change in place: not thread-safe against a forward of the same model running in
+    another thread (serialise the two).
     """
     t = _check_temperature(temperature)
-    count = 0
-    for m in model.modules():
-        if isinstance(m, TemperatureMixin) and (role is None or m.temperature_role == role):
-            m.set_temperature(t)
-            count += 1
-    if count == 0:
-        raise ValueError(f'{type(model).__name__} has no attention head with a {role or "any"!s} temperature')
-    return count
+    if role is not None and role not in TEMPERATURE_ROLES:
+        raise ValueError(f'temperature role must be one of {TEMPERATURE_ROLES} or None (every role), got {role!r}')
+    heads = [m for m in model.modules() if isinstance(m, TemperatureMixin)]
+    matching = [m for m in heads if role is None or m.temperature_role == role]
+    if not matching:
+        found = ', '.join(sorted({f'{m.temperature_role!r}' for m in heads})) or 'none'
+        wanted = 'a temperature' if role is None else f'a {role!r} temperature'
+        raise ValueError(f'{type(model).__name__} has no attention head with {wanted} '
+                         f'(temperature roles found: {found})')
+    for m in matching:
+        m.set_temperature(t)
+    return len(matching)
 
 
 def get_temperatures(model: nn.Module) -> Dict[str, Tuple[str, float]]:
@@ -91,3 +100,76 @@ def linear_temperature(step: int, steps_per_epoch: int = 1, t0: float = 30.0, t1
         raise ValueError(f'epochs must be > 0, got {epochs}')
     progress = min(max(step / (epochs * steps_per_epoch), 0.0), 1.0)
     return t0 + (t1 - t0) * progress
+
+
+# schedule name -> {role: function of (step, steps_per_epoch)}; the families' papers' schedules
+TEMPERATURE_SCHEDULES: Dict[str, Dict[str, Callable[[int, int], float]]] = {
+    # FMDConv Sec. 3.3.2: the kernel softmax 40 -> 1 by 3 per epoch; the sigmoid gates have no temperature (T = 1)
+    'fmdconv': {'kernel': fmdconv_temperature, 'gate': lambda step, steps_per_epoch: 1.0},
+    # DynamicConv Sec. 3.2 (ODConv, A2D2C Sec. 4.3): 30 -> 1 linearly over the first 10 epochs, per step
+    'linear': {'kernel': linear_temperature},
+    # DMF's authors' code: the same line, counted from iteration 1
+    'dmf': {'kernel': lambda step, steps_per_epoch: linear_temperature(step + 1, steps_per_epoch)},
+}
+
+
+class TemperatureAnnealing(nn.Module):
+    """A model's own temperature schedule: each training forward pass sets the temperatures of the model's heads
+    for the step about to run, then counts it.
+
+    The step count ``num_steps`` is a persistent buffer, so a checkpoint resumes the schedule exactly, and every DDP
+    rank (one forward per step each) follows the same one. A step is a forward pass in training mode with gradients
+    enabled (evaluation, ``torch.no_grad()`` BatchNorm calibration and EMA copies in eval mode do not count); with
+    gradient accumulation, count ``steps_per_epoch`` in forward passes. Attach it with :func:`attach_temperature_schedule`.
+    """
+
+    def __init__(self, schedule: str, steps_per_epoch: int):
+        super().__init__()
+        if schedule not in TEMPERATURE_SCHEDULES:
+            raise ValueError(f'unknown temperature schedule {schedule!r}; expected one of '
+                             f'{sorted(TEMPERATURE_SCHEDULES)}')
+        _check_steps_per_epoch(int(steps_per_epoch))
+        self.schedule = schedule
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.register_buffer('num_steps', torch.zeros((), dtype=torch.int64))
+
+    def temperatures(self, step: int) -> Dict[str, float]:
+        """``{role: T}`` of the schedule at 0-based ``step``."""
+        return {role: fn(step, self.steps_per_epoch) for role, fn in TEMPERATURE_SCHEDULES[self.schedule].items()}
+
+    def advance(self, model: nn.Module) -> None:
+        """Set ``model``'s temperatures for the current step and count it (a no-op outside training)."""
+        if not (model.training and torch.is_grad_enabled()):
+            return
+        with torch.no_grad():
+            self._advance(model)
+
+    def _advance(self, model: nn.Module) -> None:
+        for role, t in self.temperatures(int(self.num_steps)).items():
+            for m in model.modules():
+                if isinstance(m, TemperatureMixin) and m.temperature_role == role:
+                    m.set_temperature(t)
+        self.num_steps += 1
+
+    def extra_repr(self) -> str:
+        return f'{self.schedule!r}, steps_per_epoch={self.steps_per_epoch}'
+
+
+def _anneal_before_forward(model: nn.Module, args) -> None:
+    model.temperature_annealing.advance(model)
+
+
+def attach_temperature_schedule(model: nn.Module, schedule: str, steps_per_epoch: int) -> nn.Module:
+    """Give ``model`` its own :class:`TemperatureAnnealing` (as ``model.temperature_annealing``, key
+    ``temperature_annealing.num_steps``), run before each of its forward passes; returns ``model``."""
+    annealing = TemperatureAnnealing(schedule, steps_per_epoch)
+    roles = set(TEMPERATURE_SCHEDULES[schedule])
+    if not any(isinstance(m, TemperatureMixin) and m.temperature_role in roles for m in model.modules()):
+        raise ValueError(f'{type(model).__name__} has no attention head with a temperature of the roles '
+                         f'{sorted(roles)} that the {schedule!r} schedule anneals')
+    buffer = next(iter(model.buffers()), None)
+    if buffer is not None:
+        annealing.to(buffer.device)
+    model.temperature_annealing = annealing
+    model.register_forward_pre_hook(_anneal_before_forward)
+    return model

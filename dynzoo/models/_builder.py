@@ -3,9 +3,17 @@
 ``build_dynzoo_model`` wraps timm's ``build_model_with_cfg``: it resolves the pretrained config (refusing unknown
 tags instead of falling back), fetches the checkpoint through :mod:`dynzoo.models._hub` (sha256-checked hub download,
 local ``.safetensors``/``.pth`` with ``weights_only=True``) and hands it to timm as a state dict, behind the
-family's ``checkpoint_filter_fn`` and a key/shape check that refuses to half-load anything.
+family's ``checkpoint_filter_fn`` and :func:`dynzoo.models._hub.check_state_dict`, which refuses to half-load
+anything. A checkpoint that carries its own pretrained cfg (:func:`dynzoo.models._hub.checkpoint_cfg`: the
+``config.json`` of a published folder, the ``args`` of a training run) brings its class count and preprocessing
+with it. timm's two adaptations stay, explicit and logged: a classifier of another class count is dropped when
+``num_classes=`` asks for another count (else refused, naming the ``num_classes`` that fits), and a first conv is
+converted to another ``in_chans``. ``use_ema=True`` loads the EMA weights of a training container. Models
+released without weights carry timm's ``.untrained`` tag: ``pretrained=True`` there raises
+:class:`~dynzoo.models._hub.PretrainedUnavailableError` naming what exists.
 """
-from typing import Any, Callable, Dict, Optional
+import logging
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,10 +21,16 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs
 
-from dynzoo.models import _hub as hub
+from dynzoo.layers.temperature import attach_temperature_schedule
+from . import _hub as hub
 
 __all__ = ['dynzoo_cfg', 'generate_dynzoo_cfgs', 'build_dynzoo_model', 'register_family', 'FAMILIES',
            'MODEL_INFO', 'register_model_info', 'HUB_ORG', 'known_tags']
+
+_logger = logging.getLogger(__name__)
+
+# the step count of a model's own temperature schedule (dynzoo.layers.temperature.TemperatureAnnealing)
+ANNEALING_STEPS_KEY = 'temperature_annealing.num_steps'
 
 HUB_ORG = 'dynzoo'
 
@@ -59,60 +73,111 @@ def generate_dynzoo_cfgs(cfgs: Dict[str, Dict[str, Any]]):
     return generate_default_cfgs(out)
 
 
-def _classifier_names(cfg: Dict[str, Any]):
-    c = cfg.get('classifier')
-    return (c,) if isinstance(c, str) else tuple(c or ())
+def _names(cfg: Dict[str, Any], field: str) -> Tuple[str, ...]:
+    value = cfg.get(field)
+    return (value,) if isinstance(value, str) else tuple(value or ())
+
+
+def _drop_classifier(state_dict: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor],
+                     pretrained_cfg: Dict[str, Any], model: nn.Module, variant: str,
+                     head_asked: Optional[str]) -> List[str]:
+    """timm's ``num_classes`` adaptation, made explicit: a checkpoint classifier with another class count than the
+    model's is dropped on purpose (the head keeps its fresh init, said in the log) where ``head_asked`` (the
+    caller's ``num_classes=N`` / ``features_only=True``) asked for another head, and refused otherwise, naming the
+    ``num_classes`` that loads it; a classifier of another width is refused.
+
+    The checkpoint's own class count is written into the model's pretrained cfg, which is what timm's
+    ``load_pretrained`` compares ``num_classes`` with: a 10-class fine-tune loaded with ``num_classes=10`` keeps its
+    head. Returns the dropped keys the model has.
+    """
+    dropped = []
+    for name in _names(pretrained_cfg, 'classifier'):
+        weight_key = name + '.weight'
+        weight = state_dict.get(weight_key)
+        if weight is None or weight.dim() < 1:
+            continue  # absent: the key check names it
+        found = int(weight.shape[0])
+        if isinstance(getattr(model, 'pretrained_cfg', None), dict):
+            model.pretrained_cfg['num_classes'] = found
+        own = expected.get(weight_key)
+        if own is not None and int(own.shape[0]) == found:
+            continue  # kept: checked like every other tensor
+        if own is not None and weight.shape[1:] != own.shape[1:]:
+            raise hub.CheckpointError(
+                f'checkpoint classifier does not fit {variant}: {weight_key}: expected (num_classes, '
+                f'{", ".join(map(str, own.shape[1:]))}), found {tuple(weight.shape)}. It was made for another '
+                'architecture or configuration.')
+        own_classes = f'{int(own.shape[0])}' if own is not None else 'none (num_classes=0)'
+        if head_asked is None:
+            raise hub.CheckpointError(
+                f'{variant}: the checkpoint\'s classifier {name!r} has {found} classes, the model {own_classes}: '
+                f'pass num_classes={found} to load the checkpoint as trained, or ask for another num_classes '
+                'explicitly to fine-tune a fresh head')
+        _logger.info(
+            '%s: the checkpoint\'s classifier %s has %d classes, the model %s: dropped on purpose (%s was asked), '
+            'the head keeps its fresh init', variant, name, found, own_classes, head_asked)
+        for key in (weight_key, name + '.bias'):
+            state_dict.pop(key, None)
+            if key in expected:
+                dropped.append(key)
+    return dropped
+
+
+def _adapted_stem(state_dict: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor],
+                  pretrained_cfg: Dict[str, Any], in_chans: int, variant: str) -> List[str]:
+    """The first-conv weights that timm's ``adapt_input_conv`` converts to ``in_chans`` (said in the log).
+
+    Only a 4-D kernel that differs from the model's in its input channels alone, in the ratio of ``in_chans`` to
+    the channels the checkpoint was trained on (``input_size[0]``), is adapted; any other stem shape is refused
+    by the shape check.
+    """
+    trained_chans = (pretrained_cfg.get('input_size') or (3,))[0]
+    adapted = []
+    for name in _names(pretrained_cfg, 'first_conv'):
+        key = name + '.weight'
+        weight, own = state_dict.get(key), expected.get(key)
+        if weight is None or own is None or weight.shape == own.shape or in_chans == trained_chans:
+            continue
+        if weight.dim() == 4 and own.dim() == 4 and weight.shape[0] == own.shape[0] and \
+                weight.shape[2:] == own.shape[2:] and weight.shape[1] * in_chans == own.shape[1] * trained_chans:
+            _logger.info('%s: adapting the checkpoint\'s first conv %s from %d to %d input channels (timm\'s '
+                         'adapt_input_conv)', variant, key, trained_chans, in_chans)
+            adapted.append(key)
+    return adapted
 
 
 def _strict_filter(
         family_filter: Optional[Callable],
         pretrained_cfg: Dict[str, Any],
         variant: str,
+        in_chans: int,
+        head_asked: Optional[str],
 ) -> Callable:
-    """Run the family filter, then refuse missing / unexpected keys and shape mismatches, naming them."""
+    """Run the family filter, make timm's two adaptations explicit, then refuse anything that does not fit the
+    model (:func:`dynzoo.models._hub.check_state_dict`), before ``load_state_dict`` runs."""
 
     def _filter(state_dict, model: nn.Module):
         if family_filter is not None:
             state_dict = family_filter(state_dict, model)
         else:
-            state_dict = hub.unwrap_checkpoint(state_dict)
+            state_dict = hub.strip_prefix(hub.unwrap_checkpoint(state_dict), 'module.')
         if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
             raise hub.CheckpointError(f'checkpoint for {variant} did not resolve to a dict of tensors')
-        # the checkpoint's own class count decides whether timm keeps its classifier: a 10-class fine-tune
-        # loaded with num_classes=10 keeps its head; loaded with another num_classes the head is re-initialised
-        live_cfg = getattr(model, 'pretrained_cfg', None)
-        for name in _classifier_names(pretrained_cfg):
-            w = state_dict.get(name + '.weight')
-            if isinstance(live_cfg, dict) and isinstance(w, torch.Tensor) and w.dim() >= 1:
-                live_cfg['num_classes'] = int(w.shape[0])
+        state_dict = dict(state_dict)
+        # the step count of a model's own temperature schedule: a pretrained start anneals from step 0
+        state_dict.pop(ANNEALING_STEPS_KEY, None)
         expected = model.state_dict()
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        if missing or unexpected:
-            raise hub.CheckpointError(
-                f'checkpoint does not match {variant}: {len(missing)} missing key(s) {missing[:8]}, '
-                f'{len(unexpected)} unexpected key(s) {unexpected[:8]}. Is it another architecture\'s checkpoint, '
-                'or a reparameterized one (load those into a model after dynzoo.reparameterize)?')
-        # classifier / stem shapes may legitimately differ (num_classes, in_chans): timm adapts those
-        adaptable = {n + s for n in _classifier_names(pretrained_cfg) for s in ('.weight', '.bias')}
-        first = pretrained_cfg.get('first_conv')
-        for n in ((first,) if isinstance(first, str) else tuple(first or ())):
-            adaptable.add(n + '.weight')
-        mismatched = [
-            f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
-            for k, v in state_dict.items() if k not in adaptable and v.shape != expected[k].shape
-        ]
-        if mismatched:
-            raise hub.CheckpointError(
-                f'checkpoint shapes do not match {variant} ({len(mismatched)} tensors): {mismatched[:5]}. '
-                'It was made for another architecture or configuration.')
+        dropped = _drop_classifier(state_dict, expected, pretrained_cfg, model, variant, head_asked)
+        adapted = _adapted_stem(state_dict, expected, pretrained_cfg, in_chans, variant)
+        hub.check_state_dict(state_dict, expected, variant, may_be_missing=dropped, adapted=adapted)
         return state_dict
 
     return _filter
 
 
 def known_tags(variant: str):
-    """The pretrained tags registered for ``variant`` (``'in1k'`` for ``variant.in1k``)."""
+    """The pretrained tags registered for ``variant``: ``'in1k'`` for ``variant.in1k``, ``'untrained'`` (timm's
+    convention) for an architecture released without weights."""
     return [name.partition('.')[2] for name in get_arch_pretrained_cfgs(variant)]
 
 
@@ -128,10 +193,15 @@ def build_dynzoo_model(
     """Build ``variant`` with timm's builder; with ``pretrained=True`` load its checkpoint strictly.
 
     Accepts timm's ``pretrained_cfg`` (a tag string, dict or PretrainedCfg) and ``pretrained_cfg_overlay``
-    (e.g. ``dict(file='weights.safetensors')``) like any timm model.
+    (e.g. ``dict(file='weights.safetensors')``) like any timm model; the fields the checkpoint carries
+    (:func:`dynzoo.models._hub.checkpoint_cfg`) come between the two, so the overlay's own keys win. ``use_ema``
+    takes the EMA weights of a training container (``state_dict_ema`` / ``model_ema``).
     """
+    schedule = _temperature_schedule(variant, kwargs.pop('temperature_schedule', None),
+                                     kwargs.pop('temperature_steps_per_epoch', None))
     pretrained_cfg = kwargs.pop('pretrained_cfg', None)
     overlay = kwargs.pop('pretrained_cfg_overlay', None)
+    use_ema = kwargs.pop('use_ema', False)
     known = known_tags(variant)
     if isinstance(pretrained_cfg, str) and pretrained_cfg and pretrained_cfg not in known:
         raise ValueError(
@@ -142,12 +212,25 @@ def build_dynzoo_model(
         from timm.models import resolve_pretrained_cfg
         resolved = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
         resolved = resolved.to_dict()
-        resolved['state_dict'] = hub.load_checkpoint(resolved)
+        checkpoint = hub.load_checkpoint(resolved)
+        carried = {k: v for k, v in hub.checkpoint_cfg(
+            checkpoint, resolved.get('file'), variant, resolved.get('input_size') or (3, 224, 224)).items()
+            if k not in (overlay or {}) and v != resolved.get(k)}
+        if carried:
+            _logger.info('%s: the checkpoint brings its own pretrained cfg: %s', variant,
+                         ', '.join(f'{k}={v!r}' for k, v in carried.items()))
+            resolved.update(carried)
+        # a bare (EMA) state dict passes through every family filter unchanged
+        resolved['state_dict'] = hub.unwrap_checkpoint(checkpoint, use_ema=True) if use_ema else checkpoint
         # timm must load exactly the checkpoint verified above, not fetch its own copy ('hf-hub' source)
         resolved['file'] = None
         resolved['source'] = None
         pretrained_cfg, overlay = resolved, None
-        filter_fn = _strict_filter(pretrained_filter_fn, resolved, variant)
+        in_chans = kwargs.get('in_chans', (resolved.get('input_size') or (3,))[0])  # as timm's builder resolves it
+        # another head on purpose: the caller's own num_classes (timm passes only those given), or no head at all
+        head_asked = (f'num_classes={kwargs["num_classes"]}' if kwargs.get('num_classes') is not None
+                      else 'features_only=True' if kwargs.get('features_only') else None)
+        filter_fn = _strict_filter(pretrained_filter_fn, resolved, variant, in_chans, head_asked)
     model = build_model_with_cfg(
         model_cls, variant, pretrained,
         pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay,
@@ -161,4 +244,26 @@ def build_dynzoo_model(
         cfg = getattr(m, 'pretrained_cfg', None)
         if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
             cfg['state_dict'] = None
+    if schedule is not None:
+        # a fresh schedule (a pretrained start is fine-tuned from step 0); timm's --resume loads num_steps back
+        attach_temperature_schedule(model, *schedule)
     return model
+
+
+def _temperature_schedule(variant: str, schedule: Optional[str], steps_per_epoch: Optional[int]):
+    """``(schedule name, steps per epoch)`` of ``temperature_schedule=`` (``'paper'``: the family's paper's)."""
+    if schedule is None:
+        if steps_per_epoch is not None:
+            raise ValueError(f'{variant}: temperature_steps_per_epoch={steps_per_epoch} given without a '
+                             'temperature_schedule')
+        return None
+    if schedule == 'paper':
+        family = MODEL_INFO.get(variant, {}).get('family')
+        schedule = FAMILIES.get(family, {}).get('temperature_schedule')
+        if schedule is None:
+            raise ValueError(f'{variant}: the {family} paper anneals no temperature, so temperature_schedule='
+                             "'paper' does not apply")
+    if steps_per_epoch is None:
+        raise ValueError(f'{variant}: temperature_schedule={schedule!r} needs temperature_steps_per_epoch= (the '
+                         'optimizer steps of one epoch), since the schedules are defined per epoch')
+    return schedule, int(steps_per_epoch)

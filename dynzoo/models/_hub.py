@@ -8,27 +8,49 @@ checkpoint that exists and nothing else. Each entry has ``model``, ``tag`` and `
 * ``"not_mirrored"`` -- an authors' release that exists upstream (``source.url``) but has no safetensors copy on
   the hub yet: ``pretrained=True`` refuses and says how to load the downloaded file instead.
 
-Local files load with ``pretrained_cfg_overlay=dict(file=PATH)``: ``.safetensors`` through safetensors, anything
-else only through ``torch.load(weights_only=True)``. Every failure raises :class:`CheckpointError` (or its
-subclass :class:`PretrainedUnavailableError`) naming the model, the file and what to do.
+A model released without weights carries timm's ``.untrained`` tag, which no entry may publish.
+
+Local files load with ``pretrained_cfg_overlay=dict(file=PATH)``, a published folder with timm's
+``timm.create_model('local-dir:FOLDER', pretrained=True)`` too. Only regular files are opened, and the format is
+read from the file's first bytes, whatever its suffix: safetensors through safetensors, ``torch.save``'s zip or
+pickle format only through ``torch.load(weights_only=True)``, which unpickles tensors and plain containers and,
+of everything else, only :data:`SAFE_GLOBALS` (the ``argparse.Namespace`` in which timm's ``CheckpointSaver`` keeps
+a run's ``args``): the ``model_best.pth.tar`` / ``checkpoint-*.pth.tar`` / ``last.pth.tar`` that timm's
+``train.py`` and ``dynzoo train`` write load as they are. A checkpoint may carry its own pretrained cfg
+(:func:`checkpoint_cfg`: the ``config.json`` of a published folder, the ``args`` of a training run), which the
+builder applies instead of the tag's ImageNet defaults. :func:`check_state_dict` refuses, before anything is
+loaded, a state dict whose keys, shapes or dtypes do not fit the model, that holds NaN/Inf, or whose temperatures
+are not finite and positive. Every failure raises :class:`CheckpointError` (or its
+subclass :class:`PretrainedUnavailableError`) naming the model, the file or key and what to do.
 """
+import argparse
 import hashlib
 import json
+import logging
 import os
+import pickle
+import re
+import stat
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence
 
 import torch
+import torch.nn as nn
 
 __all__ = [
     'CheckpointError', 'PretrainedUnavailableError', 'index_path', 'load_index', 'find_entry', 'entries_for',
-    'is_published', 'sha256_file', 'load_checkpoint_file', 'load_checkpoint', 'unwrap_checkpoint',
-    'strip_prefix', 'INDEX_ENV',
+    'is_published', 'sha256_file', 'checkpoint_format', 'load_checkpoint_file', 'load_checkpoint',
+    'unwrap_checkpoint', 'strip_prefix', 'checkpoint_cfg', 'check_state_dict', 'INDEX_ENV', 'UNTRAINED_TAG',
+    'weights_path', 'SAFE_GLOBALS', 'CARRIED_FIELDS', 'CONFIG_NAME', 'WEIGHTS_NAME',
 ]
+
+_logger = logging.getLogger(__name__)
 
 INDEX_ENV = 'DYNZOO_WEIGHTS_INDEX'
 INDEX_SCHEMA = 'dynzoo-weights-index/1'
+UNTRAINED_TAG = 'untrained'  # timm's tag for an architecture without weights
 _PACKAGE_INDEX = Path(__file__).resolve().parents[1] / 'weights_index.json'
 
 
@@ -40,25 +62,67 @@ class PretrainedUnavailableError(CheckpointError):
     """``pretrained=True`` for a model/tag with no published dynzoo checkpoint."""
 
 
+# --- paths --------------------------------------------------------------------------------------------------------
+
+_FILE_KINDS = (
+    (stat.S_ISCHR, 'character device'), (stat.S_ISBLK, 'block device'), (stat.S_ISFIFO, 'named pipe (FIFO)'),
+    (stat.S_ISSOCK, 'socket'),
+)
+
+
+def _path_problem(path: Path) -> Optional[str]:
+    """Why ``path`` is not a regular file that can be opened (``None`` when it is one), without opening it: a
+    FIFO would block the reader and a device such as ``/dev/zero`` never ends."""
+    link = f' (a symlink to {os.path.realpath(path)!r})' if path.is_symlink() else ''
+    try:
+        st = os.stat(path)  # follows symlinks
+    except FileNotFoundError:
+        if link:
+            return f'is a symlink to {os.readlink(path)!r}, which does not exist'
+        return 'does not exist'
+    except OSError as e:
+        return f'cannot be examined ({e.strerror or type(e).__name__})'
+    if stat.S_ISREG(st.st_mode):
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            inside = sorted(p.name for p in path.iterdir() if p.is_file())
+        except OSError:
+            inside = []
+        holds = f'; it holds {inside[:6]}' if inside else ''
+        return f'is a directory{link}, not a checkpoint file: give the path of the weights file inside it{holds}'
+    kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), 'special file')
+    return f'is a {kind}{link}, not a regular file: checkpoints are read from regular files only'
+
+
+# --- the weights index ----------------------------------------------------------------------------------------------
+
 def index_path() -> Path:
     return Path(os.environ.get(INDEX_ENV) or _PACKAGE_INDEX)
 
 
 @lru_cache(maxsize=8)
-def _load_index_cached(path: str, mtime: float) -> Dict[str, Any]:
-    with open(path, 'r', encoding='utf-8') as f:
-        data = json.load(f)
-    if not isinstance(data, dict) or data.get('schema') != INDEX_SCHEMA or not isinstance(data.get('entries'), list):
+def _parse_index(data: bytes, path: str) -> Dict[str, Any]:
+    try:
+        index = json.loads(data.decode('utf-8'))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f'weights index {path} is not valid JSON ({e})') from e
+    if not isinstance(index, dict) or index.get('schema') != INDEX_SCHEMA or not isinstance(index.get('entries'), list):
         raise CheckpointError(f'{path} is not a dynzoo weights index (expected schema {INDEX_SCHEMA!r})')
-    return data
+    return index
 
 
 def load_index() -> Dict[str, Any]:
-    """The weights index in force (re-read when the file changes)."""
+    """The weights index in force, cached on its content (a rewrite is seen whatever its modification time)."""
     path = index_path()
-    if not path.is_file():
-        raise CheckpointError(f'weights index {path} does not exist (set ${INDEX_ENV} or reinstall dynzoo)')
-    return _load_index_cached(str(path), path.stat().st_mtime)
+    problem = _path_problem(path)
+    if problem is not None:
+        raise CheckpointError(f'weights index {path} {problem} (set ${INDEX_ENV} or reinstall dynzoo)')
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f'weights index {path} cannot be read ({e.strerror or e})') from e
+    return _parse_index(data, str(path))
 
 
 def entries_for(model: str) -> List[Dict[str, Any]]:
@@ -72,9 +136,14 @@ def find_entry(model: str, tag: Optional[str]) -> Optional[Dict[str, Any]]:
     return None
 
 
-def is_published(model: str, tag: Optional[str]) -> bool:
+def _published_entry(model: str, tag: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The index entry that ``pretrained=True`` downloads for ``model.tag``, if any (never for ``.untrained``)."""
     e = find_entry(model, tag)
-    return e is not None and e.get('status') == 'published'
+    return e if e is not None and e.get('status') == 'published' and tag != UNTRAINED_TAG else None
+
+
+def is_published(model: str, tag: Optional[str]) -> bool:
+    return _published_entry(model, tag) is not None
 
 
 def sha256_file(path, chunk_size: int = 1 << 20) -> str:
@@ -85,12 +154,69 @@ def sha256_file(path, chunk_size: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def load_checkpoint_file(path) -> Any:
-    """Read a checkpoint file: ``.safetensors`` via safetensors, anything else via ``torch.load(weights_only=True)``."""
+# --- reading a checkpoint file -------------------------------------------------------------------------------------
+
+# first bytes of files that are mistaken for checkpoints, for the message that refuses them
+_OTHER_FORMATS = (
+    (b'version https://git-lfs', 'a Git LFS pointer, not the weights (run `git lfs pull`)'),
+    (b'<', 'an HTML/XML page (a download that saved the server\'s answer instead of the file?)'),
+    (b'{', 'a JSON text'),
+    (b'\x1f\x8b', 'a gzip archive (extract the checkpoint first)'),
+    (b'\x89HDF', 'an HDF5 file (Keras weights)'),
+    (b'\x93NUMPY', 'a NumPy array file'),
+)
+
+
+# torch.save's formats: a zip archive (the default), or the legacy format, a pickle stream (protocol 2 to 5)
+_PICKLE_PROTOCOLS = tuple(bytes((0x80, p)) for p in range(2, 6))
+
+# the classes besides tensors and plain containers that a training checkpoint holds, each harmless to rebuild:
+# timm's CheckpointSaver (timm's train.py, `dynzoo train`) saves the run's options as an argparse.Namespace
+SAFE_GLOBALS = (argparse.Namespace,)
+
+
+def checkpoint_format(path) -> str:
+    """``'safetensors'`` or ``'torch'`` (``torch.save``'s zip or legacy pickle format), read from the first bytes of
+    ``path``; anything else raises :class:`CheckpointError` saying what the path or file is."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f'checkpoint file {str(path)!r} does not exist')
-    if path.suffix == '.safetensors':
+    problem = _path_problem(path)
+    if problem is not None:
+        raise CheckpointError(f'checkpoint file {str(path)!r} {problem}')
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(64)
+    except OSError as e:
+        raise CheckpointError(f'checkpoint file {str(path)!r} cannot be read ({e.strerror or e})') from e
+    size = path.stat().st_size
+    if not head:
+        raise CheckpointError(f'checkpoint file {str(path)!r} is empty (0 bytes): it is truncated or corrupted, '
+                              'download or copy it again')
+    if head.startswith(b'PK\x03\x04') or head[:2] in _PICKLE_PROTOCOLS:
+        return 'torch'
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    header_len = int.from_bytes(head[:8], 'little') if len(head) >= 8 else 0
+    if head[8:9] == b'{':
+        if 8 + header_len <= size:
+            return 'safetensors'
+        raise CheckpointError(
+            f'{str(path)!r} is not a readable safetensors file: its header announces {header_len} bytes but the '
+            f'file has {size}; it is truncated or corrupted: download it again')
+    if 2 <= header_len <= size - 8:
+        raise CheckpointError(
+            f'{str(path)!r} is not a readable safetensors file: its first 8 bytes announce a {header_len}-byte '
+            'header, which is not JSON; it is truncated or corrupted: download it again')
+    what = next((desc for prefix, desc in _OTHER_FORMATS if head.lstrip().startswith(prefix)),
+                f'a file starting with {head[:16]!r}')
+    raise CheckpointError(
+        f'{str(path)!r} could not be read as a checkpoint: it is {what}, neither safetensors nor torch.save\'s '
+        'zip/pickle format')
+
+
+def load_checkpoint_file(path) -> Any:
+    """Read a checkpoint file (format from its bytes, see :func:`checkpoint_format`) into a dict of tensors or a
+    training container; ``torch.load`` runs with ``weights_only=True`` only."""
+    path = Path(path)
+    if checkpoint_format(path) == 'safetensors':
         from safetensors.torch import load_file
         try:
             checkpoint = load_file(str(path), device='cpu')
@@ -99,13 +225,22 @@ def load_checkpoint_file(path) -> Any:
                 f'{str(path)!r} is not a readable safetensors file ({type(e).__name__}: {e}); '
                 'it is truncated or corrupted: download it again') from e
     else:
-        try:
-            checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
+        try:  # from an open file: torch.load would pick its reader by the name's suffix
+            with open(path, 'rb') as f, torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+                checkpoint = torch.load(f, map_location='cpu', weights_only=True)
         except Exception as e:
+            refused = _refused_globals(path, e)
+            if refused:
+                raise CheckpointError(
+                    f'{str(path)!r} holds Python objects that torch.load(weights_only=True) does not rebuild: '
+                    f'{", ".join(refused)}. dynzoo never unpickles arbitrary objects; besides tensors and plain '
+                    f'containers it allows only {", ".join(_qualname(c) for c in SAFE_GLOBALS)} (the args of timm\'s '
+                    'training checkpoints). Re-save the state dict alone (torch.save(model.state_dict(), ...) or '
+                    'safetensors).') from e
             raise CheckpointError(
-                f'{str(path)!r} could not be read with torch.load(weights_only=True) ({type(e).__name__}: {e}). '
-                'dynzoo never unpickles arbitrary objects: the file is corrupted, or holds more than tensors '
-                '(re-save its state dict alone, or convert it with `dynzoo convert`)') from e
+                f'{str(path)!r} could not be read with torch.load(weights_only=True) ({type(e).__name__}: '
+                f'{str(e).strip().splitlines()[0] if str(e).strip() else "no message"}): it is truncated or '
+                'corrupted, copy or download it again') from e
     if not isinstance(checkpoint, Mapping) or not checkpoint:  # timm would mistake {} for "no weights given"
         what = 'an empty dict' if isinstance(checkpoint, Mapping) else f'a {type(checkpoint).__name__}'
         raise CheckpointError(f'{str(path)!r} holds {what}, expected a dict of tensors (a state dict or a '
@@ -113,13 +248,32 @@ def load_checkpoint_file(path) -> Any:
     return checkpoint
 
 
+def _qualname(cls: type) -> str:
+    return f'{cls.__module__}.{cls.__qualname__}'
+
+
+def _refused_globals(path: Path, error: Exception) -> List[str]:
+    """The classes / functions that made ``torch.load(weights_only=True)`` refuse ``path`` (empty when it failed
+    for another reason, e.g. truncation): all of them for the zip format, the first one for a legacy pickle."""
+    if not isinstance(error, pickle.UnpicklingError):
+        return []
+    allowed = {_qualname(c) for c in SAFE_GLOBALS}
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # the legacy pickle format: the refusal names the first one
+        found = re.findall(r'GLOBAL (\S+) was not an allowed global', str(error))
+    return [g for g in found if g not in allowed]
+
+
 def _unavailable_message(model: str, tag: Optional[str]) -> str:
     name = f'{model}.{tag}' if tag else model
     lines = [f'No published dynzoo checkpoint exists for {name!r}, so pretrained=True cannot load weights.']
+    if tag == UNTRAINED_TAG:
+        lines[0] += f' (.{UNTRAINED_TAG} is timm\'s tag for an architecture without released weights.)'
     known = entries_for(model)
     for e in known:
         etag = f"{model}.{e.get('tag')}" if e.get('tag') else model
-        if e.get('status') == 'published':
+        if is_published(model, e.get('tag')):
             lines.append(f'  - {etag}: published on the hub as {e.get("hf_hub_id")} '
                          f'(use timm.create_model({etag!r}, pretrained=True))')
         else:
@@ -134,20 +288,32 @@ def _unavailable_message(model: str, tag: Optional[str]) -> str:
     return '\n'.join(lines)
 
 
-def load_checkpoint(pretrained_cfg: Mapping[str, Any]) -> Any:
-    """Resolve a model's pretrained config to the checkpoint object it names.
+def load_checkpoint(pretrained_cfg: Any) -> Any:
+    """Resolve a pretrained config -- a dict, timm's ``PretrainedCfg``, or a model built by timm (its
+    ``pretrained_cfg``) -- to the checkpoint object it names.
 
     Priority as in timm: an explicit ``state_dict``, then a local ``file``, then the hub entry of the weights
     index for ``(architecture, tag)``, downloaded with ``huggingface_hub`` and checked against its sha256.
     """
+    if isinstance(pretrained_cfg, nn.Module):
+        model = pretrained_cfg
+        pretrained_cfg = getattr(model, 'pretrained_cfg', None)
+        if pretrained_cfg is None:
+            raise TypeError(f'load_checkpoint: the {type(model).__name__} has no pretrained_cfg (build it with '
+                            'timm.create_model, or pass a pretrained cfg dict)')
+    if hasattr(pretrained_cfg, 'to_dict'):  # timm's PretrainedCfg
+        pretrained_cfg = pretrained_cfg.to_dict()
+    if not isinstance(pretrained_cfg, Mapping):
+        raise TypeError(f'load_checkpoint expects a pretrained cfg (dict or timm PretrainedCfg) or a timm model, '
+                        f'got a {type(pretrained_cfg).__name__}')
     if pretrained_cfg.get('state_dict') is not None:
         return pretrained_cfg['state_dict']
     if pretrained_cfg.get('file'):
-        return load_checkpoint_file(pretrained_cfg['file'])
+        return load_checkpoint_file(weights_path(pretrained_cfg['file']))
     model = pretrained_cfg.get('architecture') or '?'
     tag = pretrained_cfg.get('tag')
-    entry = find_entry(model, tag)
-    if entry is None or entry.get('status') != 'published':
+    entry = _published_entry(model, tag)
+    if entry is None:
         raise PretrainedUnavailableError(_unavailable_message(model, tag))
     from huggingface_hub import hf_hub_download
     try:
@@ -204,3 +370,189 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = 'module.'
     """Remove a DDP/DataParallel ``module.`` (or any) prefix from every key that has it."""
     n = len(prefix)
     return {(k[n:] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+
+# --- what a checkpoint says of itself ------------------------------------------------------------------------------
+
+CONFIG_NAME = 'config.json'  # timm's hub config, beside the weights of a published folder
+WEIGHTS_NAME = 'model.safetensors'  # the weights of a published folder
+# the pretrained-cfg fields a checkpoint brings with it: the preprocessing its weights were trained or evaluated
+# with, its class count and its labels
+CARRIED_FIELDS = ('num_classes', 'input_size', 'test_input_size', 'interpolation', 'crop_pct', 'test_crop_pct',
+                  'crop_mode', 'mean', 'std', 'label_names', 'label_descriptions')
+
+
+def weights_path(path) -> Path:
+    """``path``, or the weights inside it where ``path`` is a published folder (``config.json`` and
+    ``model.safetensors``: timm's ``local-dir:`` names the folder); any other folder is refused as one."""
+    path = Path(path)
+    inside = path / WEIGHTS_NAME
+    return inside if path.is_dir() and (path / CONFIG_NAME).is_file() and inside.is_file() else path
+
+
+def _same_architecture(named: Any, architecture: Optional[str]) -> bool:
+    """``named`` (a model name a checkpoint records, perhaps with a tag) is ``architecture``, or says nothing."""
+    return not named or not architecture or str(named).partition('.')[0] == architecture.partition('.')[0]
+
+
+def _cfg_from_args(args: Mapping[str, Any], input_size: Sequence[int]) -> Dict[str, Any]:
+    """The preprocessing options of a training run (timm's ``train.py`` / ``dynzoo train`` names) that were set,
+    as pretrained-cfg fields; an option left unset followed the model's default cfg, which stays."""
+    cfg: Dict[str, Any] = {}
+    if isinstance(args.get('num_classes'), int):
+        cfg['num_classes'] = args['num_classes']
+    chans, height, width = input_size
+    size = args.get('input_size') or args.get('img_size')  # timm: (C, H, W) or H; dynzoo train: H
+    if isinstance(size, (list, tuple)) and len(size) == 3:
+        chans, height, width = size
+    elif isinstance(size, int):
+        height = width = size
+    chans = args.get('in_chans') or chans
+    if (chans, height, width) != tuple(input_size):
+        cfg['input_size'] = (int(chans), int(height), int(width))
+    for key in ('interpolation', 'crop_pct', 'crop_mode', 'mean', 'std'):
+        value = args.get(key)
+        if value not in (None, '', [], ()):
+            cfg[key] = tuple(value) if isinstance(value, list) else value
+    return cfg
+
+
+def _cfg_from_config_json(path: Path) -> Dict[str, Any]:
+    """timm's ``config.json`` (``save_config_for_hf``): its ``pretrained_cfg`` with the top-level class count and
+    labels, and the ``architecture`` it names."""
+    try:
+        config = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f'{str(path)!r} beside the checkpoint is not a readable timm config ({e}); fix or '
+                              'remove it') from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f'{str(path)!r} beside the checkpoint is not a timm config (a JSON object)')
+    cfg = dict(config.get('pretrained_cfg') or {})
+    for key in ('num_classes', 'label_names', 'label_descriptions'):
+        if key in config:
+            cfg[key] = config[key]
+    cfg['architecture'] = config.get('architecture') or cfg.get('architecture')
+    return cfg
+
+
+def checkpoint_cfg(
+        checkpoint: Any,
+        path: Optional[str] = None,
+        architecture: Optional[str] = None,
+        input_size: Sequence[int] = (3, 224, 224),
+) -> Dict[str, Any]:
+    """The pretrained-cfg fields (:data:`CARRIED_FIELDS`) that ``checkpoint``, read from ``path``, carries.
+
+    Two sources, the later winning: the ``args`` of a training container (timm's ``CheckpointSaver`` saves them, for
+    timm's ``train.py`` and ``dynzoo train``): the class count and the preprocessing options the run set, over the
+    model's default cfg (whose ``input_size`` is given, for a run that set only the resolution or the channels);
+    then timm's ``config.json`` beside the file (a folder written by ``dynzoo publish`` / ``dynzoo convert``). A
+    source that names another architecture than ``architecture`` is ignored, and said in the log.
+    """
+    cfg: Dict[str, Any] = {}
+    args = checkpoint.get('args') if isinstance(checkpoint, Mapping) else None
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if isinstance(args, Mapping):
+        if _same_architecture(args.get('model'), architecture):
+            cfg.update(_cfg_from_args(args, input_size))
+        else:
+            _logger.info('%s: the checkpoint was trained as %r: its preprocessing options are not applied',
+                         architecture, args.get('model'))
+    config_path = weights_path(path).with_name(CONFIG_NAME) if path else None
+    if config_path is not None and config_path.is_file():
+        config = _cfg_from_config_json(config_path)
+        if _same_architecture(config.get('architecture'), architecture):
+            cfg.update({k: v for k, v in config.items() if k in CARRIED_FIELDS and v is not None})
+        else:
+            _logger.info('%s: %s describes %r: not applied', architecture, config_path, config.get('architecture'))
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+
+
+# --- does a state dict fit a model? --------------------------------------------------------------------------------
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return 'floating-point'
+    if dtype.is_complex:
+        return 'complex'
+    return 'bool' if dtype == torch.bool else 'integer'
+
+
+def _non_finite(key: str, v: torch.Tensor, target: torch.dtype) -> Optional[str]:
+    """``'key (2 NaN, 1 Inf)'`` when ``v`` -- converted to the model's ``target`` dtype where that is narrower,
+    as ``load_state_dict`` will -- holds NaN or Inf; ``None`` when it is finite."""
+    narrowed = _narrows(v.dtype, target)
+    if narrowed:
+        v = v.to(target)
+    finite = torch.isfinite(v)
+    if bool(finite.all()):
+        return None
+    nan = int(torch.isnan(v).sum())
+    inf = int((~finite).sum()) - nan
+    found = ', '.join(f'{n} {what}' for n, what in ((nan, 'NaN'), (inf, 'Inf')) if n)
+    return f'{key} ({found} of {v.numel()} values{f" once converted to {target}" if narrowed else ""})'
+
+
+def _narrows(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Converting float ``src`` to float ``dst`` loses range or precision (float64 -> float32, float32 -> bfloat16)."""
+    a, b = torch.finfo(src), torch.finfo(dst)
+    return b.max < a.max or b.eps > a.eps
+
+
+def check_state_dict(
+        state_dict: Mapping[str, torch.Tensor],
+        expected: Mapping[str, torch.Tensor],
+        name: str,
+        may_be_missing: Collection[str] = (),
+        adapted: Collection[str] = (),
+) -> None:
+    """Refuse ``state_dict`` unless it fits ``expected`` (the model's own state dict) in full, before any loading.
+
+    Checked, each failure a :class:`CheckpointError` naming the keys, what the model expects and what was found:
+    missing / unexpected keys (``may_be_missing`` excepted: a classifier the caller dropped), shapes (``adapted``
+    excepted: a first conv that timm adapts to ``in_chans``), dtypes (an integer or bool tensor where the model
+    holds a float), temperature buffers (keys ending in ``temperature``: finite and > 0, or the softmax / sigmoid
+    they divide is NaN or saturated), and non-finite values in any float tensor. A float dtype conversion
+    (float16 / float64 -> the model's float32, say) is exact or rounds: it is said once, in the log (a warning
+    where it rounds), and values that overflow the model's dtype count as non-finite.
+    """
+    missing = sorted(set(expected) - set(state_dict) - set(may_be_missing))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f'checkpoint does not match {name}: {len(missing)} missing key(s) {missing[:8]}, '
+            f'{len(unexpected)} unexpected key(s) {unexpected[:8]}. Is it another architecture\'s checkpoint, '
+            f'or a reparameterized one (load those with timm.create_model({name!r}, inference_mode=True))?')
+    keys = [k for k in expected if k in state_dict]
+    mismatched = [f'{k}: expected {tuple(expected[k].shape)}, found {tuple(state_dict[k].shape)}'
+                  for k in keys if k not in adapted and state_dict[k].shape != expected[k].shape]
+    if mismatched:
+        raise CheckpointError(
+            f'checkpoint shapes do not match {name} ({len(mismatched)} tensors): {mismatched[:5]}. '
+            'It was made for another architecture or configuration.')
+    wrong_kind = [f'{k}: expected a {_kind(expected[k].dtype)} tensor ({expected[k].dtype}), found '
+                  f'{state_dict[k].dtype}' for k in keys if _kind(state_dict[k].dtype) != _kind(expected[k].dtype)]
+    if wrong_kind:
+        raise CheckpointError(
+            f'checkpoint dtypes do not match {name} ({len(wrong_kind)} tensors): {wrong_kind[:5]}. '
+            'Casting would silently truncate or invent values: re-save the checkpoint from the trained model.')
+    bad_temperature = [f'{k}: found {state_dict[k].flatten()[:4].tolist()}' for k in keys if k.endswith('temperature')
+                       and not bool((torch.isfinite(state_dict[k]) & (state_dict[k] > 0)).all())]
+    if bad_temperature:
+        raise CheckpointError(
+            f'checkpoint for {name} has invalid temperatures ({len(bad_temperature)} buffers): {bad_temperature[:5]}; '
+            'a temperature must be finite and > 0. The checkpoint is corrupted, or was saved mid-way through a '
+            'broken temperature schedule.')
+    non_finite = [r for r in (_non_finite(k, state_dict[k], expected[k].dtype) for k in keys
+                              if state_dict[k].is_floating_point()) if r is not None]
+    if non_finite:
+        raise CheckpointError(
+            f'checkpoint for {name} holds non-finite values (NaN/Inf) in {len(non_finite)} tensor(s): '
+            f'{non_finite[:5]}. The checkpoint is corrupted or its training diverged.')
+    conversions = Counter((state_dict[k].dtype, expected[k].dtype) for k in keys
+                          if state_dict[k].is_floating_point() and state_dict[k].dtype != expected[k].dtype)
+    if conversions:  # a warning where the conversion rounds, else for information
+        level = logging.WARNING if any(_narrows(src, dst) for src, dst in conversions) else logging.INFO
+        _logger.log(level, 'checkpoint for %s: converting %s to the model\'s dtype', name, ', '.join(
+            f'{n} tensor(s) from {src} to {dst}' for (src, dst), n in sorted(conversions.items(), key=str)))

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from timm.models import register_model
 
-from dynzoo.models import _hub as hub
+from . import _hub as hub
 from dynzoo.layers.a2d2c import A2D2CConv2d
 from ._builder import dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
 from ._hosts import HOST_CFGS, DynamicMobileNetV2, DynamicResNet, create_host
@@ -39,7 +39,7 @@ _A2D2C_ARGS = ('num_kernels', 'num_points', 'temperature', 'sample_per', 'eval_s
 
 register_family(
     'a2d2c', paper='A2D2C: Adaptive Attention-Driven Dynamic Convolution for Local Feature Adaptation',
-    paper_ids='none given (no arXiv id or DOI in the paper; no code released)')
+    paper_ids='none given (no arXiv id or DOI in the paper; no code released)', temperature_schedule='linear')
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:

@@ -50,29 +50,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.layers import (
-    Attention, ConvNormAct, DropPath, LayerType, Mlp, SelectAdaptivePool2d, register_notrace_function, trunc_normal_,
+    Attention, DropPath, Mlp, SelectAdaptivePool2d, register_notrace_function, trunc_normal_,
 )
 from timm.layers.grn import GlobalResponseNorm
 from timm.models import register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from dynzoo.models import _hub as hub
+from dynzoo.layers.conv_norm import RepConvNormAct, fold_conv_norm
 from dynzoo.layers.drconv import DynamicResidualConv2d
-from dynzoo.layers.fusion import fold_affine_into_conv_, norm_act_remainder
+from dynzoo.layers.fusion import fold_affine_into_conv_
 from dynzoo.layers.temperature import set_temperature
+from . import _hub as hub
 from ._builder import build_dynzoo_model, dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
-from ._hosts import fold_conv_norm
 
 __all__ = [
     'DynamicMobileFormer', 'DMFBlock', 'DMFFinalBlock', 'DynamicMobile', 'InvertedResidualFFN', 'LiteBottleneck',
-    'CompatGlobalResponseNorm', 'RepConvNormAct', 'checkpoint_filter_fn',
+    'CompatGlobalResponseNorm', 'checkpoint_filter_fn',
 ]
 
 register_family(
     'dmf', paper='Dynamic Mobile-Former: Strengthening Dynamic Convolution with Attention and Residual Connection '
                  'in Kernel Space (Yun & Ro)',
-    paper_ids='github.com/ysj9909/DMF')
+    paper_ids='github.com/ysj9909/DMF', temperature_schedule='dmf')
 
 
 # ---------------------------------------------------------------------------------------------------- fusion helpers
@@ -86,37 +86,6 @@ def _fold_conv_bn_pairs(module: nn.Module, pairs: Tuple[Tuple[str, str], ...]) -
     """Fold each ``(conv, bn)`` attribute pair of ``module`` that still holds a BatchNorm (see ``fold_conv_norm``)."""
     for conv_name, bn_name in pairs:
         fold_conv_norm(module, conv_name, bn_name)
-
-
-class RepConvNormAct(ConvNormAct):
-    """timm's ``ConvNormAct`` (conv -> ``BatchNormAct2d``, keys ``conv`` / ``bn``) with an inference form: the BN
-    folded into the conv (which gains a bias) and ``bn`` reduced to its activation (``inference_mode=True`` or
-    :meth:`reparameterize`). DMF's stem and stride-2 depthwise downsampling; SGDM's Ultralytics ``Conv``."""
-
-    def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            kernel_size: int = 1,
-            stride: int = 1,
-            groups: int = 1,
-            bias: bool = False,
-            norm_layer: LayerType = nn.BatchNorm2d,
-            act_layer: LayerType = nn.ReLU,
-            inference_mode: bool = False,
-            device=None,
-            dtype=None,
-    ):
-        super().__init__(
-            in_chs, out_chs, kernel_size, stride=stride, groups=groups, bias=bias or inference_mode,
-            norm_layer=norm_layer, act_layer=act_layer, device=device, dtype=dtype)
-        if inference_mode:
-            self.bn = norm_act_remainder(self.bn)
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold the BN into the conv (exact); a no-op once folded."""
-        fold_conv_norm(self, 'conv', 'bn')
 
 
 # ------------------------------------------------------------------------------------------------------------ blocks

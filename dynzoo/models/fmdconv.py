@@ -10,6 +10,10 @@ the paper does not say. No checkpoint is published by the authors or by dynzoo (
 their keys equal dynzoo's once the DDP prefix is gone, and their effective inference temperatures (kernel
 softmax 34, sigmoid gates 1: the authors' code anneals the gates' temperature to 1 and never updates the
 softmax's, whose update method is misspelled) are written into the temperature buffers.
+
+Training at batch size 1: the channel/filter trunk's BatchNorm normalises a single pooled sample with its running
+statistics (``single_sample_bn='running'``, default; the authors' code fails there, as ODConv's does);
+``single_sample_bn='error'`` raises instead (:class:`~dynzoo.layers.heads.PooledBatchNorm2d`).
 """
 from typing import Any, Dict
 
@@ -17,7 +21,7 @@ import torch
 
 from timm.models import register_model
 
-from dynzoo.models import _hub as hub
+from . import _hub as hub
 from dynzoo.layers.fmdconv import FMDConv2d
 from ._builder import dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
 from ._hosts import HOST_CFGS, DynamicMobileNetV2, DynamicResNet, create_host
@@ -29,11 +33,11 @@ AUTHORS_KERNEL_TEMPERATURE = 34.0
 AUTHORS_GATE_TEMPERATURE = 1.0
 
 _FMD_ARGS = ('num_kernels', 'reduction', 'kernel_ratio', 'kernel_temperature', 'gate_temperature',
-             'use_input_attn', 'use_output_attn', 'use_kernel_attn', 'strategy')
+             'use_input_attn', 'use_output_attn', 'use_kernel_attn', 'single_sample_bn', 'strategy')
 
 register_family(
     'fmdconv', paper='FMDCConv: Fast multi-attention dynamic convolution via speed-accuracy trade-off (KBS 2025)',
-    paper_ids='doi:10.1016/j.knosys.2025.113393')
+    paper_ids='doi:10.1016/j.knosys.2025.113393', temperature_schedule='fmdconv')
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: torch.nn.Module) -> Dict[str, torch.Tensor]:

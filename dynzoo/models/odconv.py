@@ -22,6 +22,11 @@ placement). ``placement='blocks'`` gives the block-convs-only variant.
 keys ``...attention.{fc,bn,channel_fc,filter_fc,spatial_fc,kernel_fc}``): ResNet keys are timm's already;
 MobileNetV2 ``features.*`` keys are renamed to timm's (``conv_stem``, ``blocks.s.i.conv_pw``, ...). Their
 checkpoints carry no temperature: the authors' evaluation runs at T = 1, which is written into the buffers.
+
+Training at batch size 1 (a YOLO-style warm-up, OSVAI/ODConv issue #27, where the authors' code fails): the attention
+trunk's BatchNorm normalises a single pooled sample with its running statistics (``single_sample_bn='running'``,
+default, for ODConv and FMDConv alike); ``single_sample_bn='error'`` raises instead
+(:class:`~dynzoo.layers.heads.PooledBatchNorm2d`).
 """
 import re
 from functools import partial
@@ -32,7 +37,7 @@ import torch.nn as nn
 
 from timm.models import register_model
 
-from dynzoo.models import _hub as hub
+from . import _hub as hub
 from dynzoo.layers.odconv import DynamicConv2d, ODConv2d, RoutedCondConv2d
 from ._builder import dynzoo_cfg, generate_dynzoo_cfgs, register_family, register_model_info
 from ._hosts import HOST_CFGS, DynamicMobileNetV2, DynamicResNet, create_host, mobilenetv2_block_names
@@ -42,14 +47,14 @@ __all__ = ['checkpoint_filter_fn', 'convert_odconv_mobilenetv2_keys', 'ODCONV_RE
 ODCONV_REPO = 'https://github.com/OSVAI/ODConv'
 AUTHORS_TEMPERATURE = 1.0
 
-_ODCONV_ARGS = ('num_kernels', 'reduction', 'min_channels', 'temperature', 'strategy')
+_ODCONV_ARGS = ('num_kernels', 'reduction', 'min_channels', 'temperature', 'single_sample_bn', 'strategy')
 _DYCONV_ARGS = ('num_kernels', 'ratio', 'temperature', 'bias', 'strategy')
 _CONDCONV_ARGS = ('num_kernels', 'bias', 'strategy')
 
 register_family('odconv', paper='Omni-Dimensional Dynamic Convolution (ICLR 2022)',
-                paper_ids='openreview:DmpCfq6Mg39', code=ODCONV_REPO)
+                paper_ids='openreview:DmpCfq6Mg39', code=ODCONV_REPO, temperature_schedule='linear')
 register_family('dyconv', paper='Dynamic Convolution: Attention over Convolution Kernels (CVPR 2020)',
-                paper_ids='arXiv:1912.03458')
+                paper_ids='arXiv:1912.03458', temperature_schedule='linear')
 register_family('condconv', paper='CondConv: Conditionally Parameterized Convolutions for Efficient Inference '
                 '(NeurIPS 2019)', paper_ids='arXiv:1904.04971')
 

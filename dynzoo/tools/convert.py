@@ -2,11 +2,13 @@
 
 ``dynzoo convert --model fmdconv_resnet18 --checkpoint fmd_resnet18.pth --source-repo tianyu00824/FMDConv ...``
 
-1. reads the authors' file the way a user would load it -- ``timm.create_model(model, pretrained=True,
-   pretrained_cfg_overlay=dict(file=checkpoint))`` -- so the family's ``checkpoint_filter_fn`` unwraps the
-   training container (AttNet/DMF ``{'model': ...}``, FMDConv ``{'state_dict': {'module.' + k: ...}}``, ODConv
-   ``{'state_dict': ...}``), renames keys and sets the temperatures the authors' code runs at, and the builder's
-   strict check refuses any missing, unexpected or misshapen tensor (``--use-ema`` takes the EMA weights);
+1. reads the authors' file (or a ``model_best.pth.tar`` of timm's ``train.py`` / ``dynzoo train``) the way a user
+   would load it -- ``timm.create_model(model, pretrained=True, pretrained_cfg_overlay=dict(state_dict=<the file's
+   container>))`` -- so the family's ``checkpoint_filter_fn`` unwraps the training container (AttNet/DMF
+   ``{'model': ...}``, FMDConv ``{'state_dict': {'module.' + k: ...}}``, ODConv ``{'state_dict': ...}``), renames
+   keys and sets the temperatures the authors' code runs at, the builder's strict check refuses any missing,
+   unexpected or misshapen tensor (``--use-ema`` takes the EMA weights), and a training run's ``args`` bring its
+   class count and preprocessing;
 2. writes ``model.state_dict()`` as ``model.safetensors`` with timm's ``config.json``, a ``README.md`` model card
    and ``index_entry.json`` (sha256, size, source: repository, commit, file, URL, container; the authors'
    claimed metrics when given, marked ``measured_by: authors``) through :func:`dynzoo.tools.publish.export_folder`;
@@ -92,9 +94,14 @@ def convert_checkpoint(
     kwargs = dict(model_kwargs or {})
 
     _step(1, n, f'reading {checkpoint} ({checkpoint.stat().st_size / 2**20:.1f} MiB) into {model_name}', quiet)
-    container = _describe_container(hub.load_checkpoint_file(checkpoint))
-    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)),
-                              use_ema=use_ema, **kwargs).eval()
+    raw = hub.load_checkpoint_file(checkpoint)
+    container = _describe_container(raw)
+    if use_ema:  # the EMA weights in the container's place for them, beside what it says of its run (``args``)
+        raw = dict(raw, state_dict=hub.unwrap_checkpoint(raw, use_ema=True))
+    # in memory, not use_ema=: timm records a model's kwargs in the config.json that the folder gets
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=raw),
+                              **kwargs).eval()
+    del raw
 
     _step(2, n, f'writing {out_dir}', quiet)
     entry = {
