@@ -1,18 +1,22 @@
 """The ``dynzoo`` command line, the one entry point: ``dynzoo [--version] VERB ...`` (also ``python -m dynzoo``).
 
-``list``, ``info``, ``report`` and ``weights`` live here; ``train``, ``bench``, ``export``, ``convert`` and
-``publish`` are the tools of :mod:`dynzoo.tools`, each with its own ``main(argv)`` this module delegates to
-(imported lazily, so ``dynzoo list`` does not load the training stack).
+``list``, ``info``, ``report`` and ``weights`` live here; ``train``, ``bench``, ``export``, ``convert``,
+``publish`` and ``timm`` (timm's own scripts, :mod:`dynzoo.tools.timm_scripts`) are the tools of
+:mod:`dynzoo.tools`, each with its own ``main(argv)`` this module delegates to (imported lazily, so ``dynzoo list``
+does not load the training stack). A bad request (unknown model, missing file, bad value) ends in one line on
+stderr and exit status 2.
 """
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ['main', 'build_parser', 'format_table', 'model_rows', 'param_breakdown', 'paper_match', 'TOOLS']
+__all__ = ['main', 'build_parser', 'format_table', 'model_rows', 'param_breakdown', 'paper_match', 'is_miss',
+           'usage_error', 'TOOLS']
 
 # verb -> (the dynzoo.tools module whose main(argv) runs it, help line)
 TOOLS = {
@@ -21,7 +25,15 @@ TOOLS = {
     'convert': ('dynzoo.tools.convert', "convert an authors' checkpoint to a dynzoo safetensors file"),
     'publish': ('dynzoo.tools.publish', 'write (and push) a timm-format hub folder'),
     'train': ('dynzoo.tools.train', 'train / fine-tune with timm components and a YAML recipe (torchrun for DDP)'),
+    'timm': ('dynzoo.tools.timm_scripts', "run one of timm's own scripts (train.py, validate.py ...) with the zoo"),
 }
+
+# what a tool raises for a bad request (a missing file, an unknown name, a bad value): one line, no traceback.
+# Anything else is a bug and keeps its traceback; DYNZOO_TRACEBACK=1 shows it for these too.
+_USAGE_ERRORS = (OSError, ValueError, KeyError)
+# verbs that run another program (a timm script): its failures keep their tracebacks; the verb reports its own
+# usage errors
+_PASS_THROUGH = ('timm',)
 
 
 def format_table(rows: Sequence[Dict[str, object]], columns: Optional[Sequence[str]] = None,
@@ -59,23 +71,42 @@ def _rounding_unit(value: int) -> int:
     return unit
 
 
-def is_rounded_figure(value: int) -> bool:
-    return _rounding_unit(int(value)) >= 10_000
+def is_rounded_figure(value: float) -> bool:
+    """A figure with at least four trailing zeros (44,900,000 = "44.9 M") is a rounded print."""
+    return _rounding_unit(int(round(value))) >= 10_000
 
 
-def paper_match(computed: int, paper: Optional[int]) -> str:
+def paper_match(computed: float, paper: Optional[float]) -> str:
     """Compare a computed count with a paper's figure at the precision the paper printed it.
 
-    A figure with at least four trailing zeros (44,900,000 = "44.90 M") is a rounded print: it matches when the
-    computed count rounds to it ("~"). Any other figure is exact (from the authors' code or a table printed in
-    full) and must be equal ("exact"). Otherwise the difference is shown.
+    A rounded print (:func:`is_rounded_figure`) matches when the computed count rounds to it: ``'~'``. Any other
+    figure is exact (from the authors' code or a table printed in full) and must be equal: ``'exact'``. Otherwise
+    the difference is returned (``'+51,208'``); ``'-'`` where the paper gives no figure.
     """
     if not paper:
         return '-'
+    computed, paper = int(round(computed)), int(round(paper))
     if is_rounded_figure(paper):
-        unit = _rounding_unit(paper)
-        return '~' if abs(computed - paper) <= unit // 2 else f'{computed - paper:+,}'
+        return '~' if abs(computed - paper) <= _rounding_unit(paper) // 2 else f'{computed - paper:+,}'
     return 'exact' if computed == paper else f'{computed - paper:+,}'
+
+
+def is_miss(match: str) -> bool:
+    """Whether a :func:`paper_match` result is a miss (neither a match nor "no figure")."""
+    return match not in ('exact', '~', '-')
+
+
+def _relative(computed: float, paper: float) -> str:
+    return f'{100.0 * (computed - paper) / paper:+.1f}%'
+
+
+def _progress(i: int, n: int, name: str) -> None:
+    """``[i/n] name`` on stderr: a line per step, or on a terminal one line rewritten in place."""
+    line = f'[{i}/{n}] {name}'
+    if sys.stderr.isatty():
+        print('\r' + line.ljust(72), end='\n' if i == n else '', file=sys.stderr, flush=True)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _count_params(model) -> int:
@@ -90,13 +121,18 @@ def _weights_status(name: str) -> str:
     return ', '.join(f"{e.get('tag')}:{e.get('status')}" for e in entries)
 
 
-def model_rows(names: Optional[Sequence[str]] = None, device: str = 'meta') -> List[Dict[str, object]]:
-    """One row per model: family, paper, computed params, the paper's params, weights status."""
+def model_rows(names: Optional[Sequence[str]] = None, device: str = 'meta',
+               progress: bool = False) -> List[Dict[str, object]]:
+    """One row per model: family, paper, computed params, the paper's params, weights status (``progress``: a
+    line per model built, on stderr)."""
     import timm
     import torch
     from dynzoo.models import FAMILIES, MODEL_INFO
     rows = []
-    for name in names or sorted(MODEL_INFO):
+    names = list(names or sorted(MODEL_INFO))
+    for i, name in enumerate(names, 1):
+        if progress:
+            _progress(i, len(names), name)
         info = MODEL_INFO.get(name, {})
         with torch.device(device):
             model = timm.create_model(name)
@@ -141,7 +177,7 @@ def _cmd_list(args) -> int:
     if not names:
         print(f'no dynzoo model matches family {args.family!r}', file=sys.stderr)
         return 2
-    rows = model_rows(names)
+    rows = model_rows(names, progress=True)
     print(format_table(rows, markdown=args.markdown))
     print(f'\n{len(rows)} models; params computed by building each model (1000 classes); '
           '"paper" is the paper\'s or authors\' code\'s count where one is stated.')
@@ -204,7 +240,14 @@ def _cmd_weights(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    """The zoo report: build every model, run it, and check it against its paper's numbers."""
+    """The zoo report: build every model, run it, and check its parameters and MACs against its paper's figures.
+
+    Each figure is compared at the precision the paper printed it (:func:`paper_match`); MACs are compared at the
+    model's own resolution only. A miss is flagged ``MISS`` and listed under the table with the figure's source,
+    which names where the paper contradicts itself. The exit status is 1 when a forward pass fails or an exact
+    figure (the authors' code) is missed -- dynzoo then differs from the authors -- and, with ``--strict``, on
+    any miss.
+    """
     import timm
     import torch
     import dynzoo
@@ -215,20 +258,21 @@ def _cmd_report(args) -> int:
         from dynzoo.utils.flops import count_macs
     except ImportError:  # the counter is optional for the report
         count_macs = None
-    rows, failures = [], 0
+    rows, misses, failures = [], [], 0
     t_start = time.time()
     for i, name in enumerate(names, 1):
         info = MODEL_INFO.get(name, {})
-        print(f'[{i}/{len(names)}] {name} ...', file=sys.stderr, flush=True)
+        _progress(i, len(names), name)
         t0 = time.time()
         model = timm.create_model(name).eval()
         params = _count_params(model)
-        size = args.img_size or model.pretrained_cfg['input_size'][-1]
+        own_size = model.pretrained_cfg['input_size'][-1]
+        size = args.img_size or own_size
         x = torch.randn(1, 3, size, size)
         with torch.inference_mode():
             out = model(x)
         ok_out = tuple(out.shape) == (1, model.num_classes) and bool(torch.isfinite(out).all())
-        paper = info.get('paper_params')
+        paper, paper_macs = info.get('paper_params'), info.get('paper_macs')
         match = paper_match(params, paper)
         macs = None
         if count_macs is not None and not args.no_macs:
@@ -237,25 +281,39 @@ def _cmd_report(args) -> int:
                 macs, _ = count_macs(model, (3, size, size), convention=convention, train_mode=train_mode)
             except Exception as e:  # report it, do not hide it
                 macs = f'error: {type(e).__name__}'
-        paper_macs = info.get('paper_macs')
-        # an exact figure (authors' code, full print) must be met; rounded prints are shown, not enforced
-        ok = ok_out and (paper is None or is_rounded_figure(paper) or match == 'exact')
-        failures += not ok
+        counted = isinstance(macs, (int, float))
+        macs_match = paper_match(macs, paper_macs) if counted and size == own_size else '-'
+        missed = [(what, computed, figure) for what, computed, figure, m in (
+            ('params', params, paper, match), ('MACs', macs, paper_macs, macs_match)) if is_miss(m)]
+        hard = not ok_out or (is_miss(match) and not is_rounded_figure(paper))
+        failed = hard or (args.strict and bool(missed))
+        failures += failed
+        if missed:
+            misses.append(f'{name}: ' + '; '.join(
+                f'{what} {computed:,.0f} vs paper {figure:,.0f} ({_relative(computed, figure)})'
+                for what, computed, figure in missed) + f' -- source: {info.get("source", "?")}')
+        check = 'ok' if ok_out else 'FAILED forward'
+        if missed:
+            check = ('MISS ' if ok_out else check + ', MISS ') + '+'.join(what for what, _, _ in missed)
         rows.append(OrderedDict(
             model=name, family=info.get('family', '?'), params=f'{params:,}',
-            paper_params=f'{paper:,}' if paper else '-',
-            vs_paper=match,
-            gmacs=(f'{macs / 1e9:.3f}' if isinstance(macs, (int, float)) else (macs or '-')),
+            paper_params=f'{paper:,.0f}' if paper else '-',
+            vs_paper=match if not is_miss(match) else f'{match} ({_relative(params, paper)})',
+            gmacs=(f'{macs / 1e9:.3f}' if counted else (macs or '-')),
             paper_gmacs=(f'{paper_macs / 1e9:.3f}' if paper_macs else '-'),
+            vs_paper_macs=macs_match if not is_miss(macs_match) else _relative(macs, paper_macs),
             forward='ok' if ok_out else 'FAILED',
-            check='ok' if ok else 'FAILED',
+            check=check,
             weights=_weights_status(name),
             seconds=f'{time.time() - t0:.1f}'))
         del model
     print()
     print(format_table(rows, markdown=args.markdown))
     print(f'\n{len(rows)} models built and run at {args.img_size or "their default"} px in '
-          f'{time.time() - t_start:.0f} s; {failures} failed a check.')
+          f'{time.time() - t_start:.0f} s; {failures} failed a check; {len(misses)} miss a paper figure'
+          + (' (at its printed precision):' if misses else '.'))
+    for line in misses:
+        print(f'  {line}')
     if args.output:
         with open(args.output, 'w', encoding='utf-8') as f:
             json.dump(rows, f, indent=2)
@@ -281,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--no-macs', action='store_true')
     s.add_argument('--markdown', action='store_true')
     s.add_argument('--output', default=None, help='also write the rows as JSON here')
+    s.add_argument('--strict', action='store_true', help='exit 1 on any miss of a paper figure, rounded ones too')
     s.set_defaults(func=_cmd_report)
     s = sub.add_parser('weights', help='list the weights index')
     s.add_argument('--markdown', action='store_true')
@@ -290,13 +349,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def usage_error(exc: BaseException) -> Optional[str]:
+    """The one-line message of an exception that means a bad request, or ``None`` for any other (a bug)."""
+    from dynzoo.models._hub import CheckpointError
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    if isinstance(exc, RuntimeError) and text.startswith('Unknown model ('):  # timm.create_model's message
+        return f'unknown model {text[len("Unknown model ("):-1]!r}; `dynzoo list` shows the registered ones'
+    if isinstance(exc, (CheckpointError,) + _USAGE_ERRORS):
+        return text.splitlines()[0] if text else type(exc).__name__
+    return None
+
+
+def _run(verb: str, func, *args) -> int:
+    """``func(*args)``, with a usage error reported as ``dynzoo VERB: error: ...`` and exit status 2."""
+    try:
+        return int(func(*args) or 0)
+    except Exception as e:
+        message = usage_error(e)
+        if message is None or os.environ.get('DYNZOO_TRACEBACK'):
+            raise
+        print(f'dynzoo {verb}: error: {message}', file=sys.stderr)
+        return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOLS:
         module = importlib.import_module(TOOLS[argv[0]][0])
-        return int(module.main(argv[1:]) or 0)
+        if argv[0] in _PASS_THROUGH:
+            return int(module.main(argv[1:]) or 0)
+        return _run(argv[0], module.main, argv[1:])
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return _run(args.command, args.func, args)
 
 
 if __name__ == '__main__':

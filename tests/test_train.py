@@ -38,7 +38,8 @@ def test_recipe_is_valid(recipe):
     reach heads the model really has (checked on a meta-device build)."""
     cfg = load_recipe(str(recipe))
     assert timm.is_model(cfg['model']), cfg['model']
-    args = parse_args(['--config', str(recipe)])
+    data_dir = ['--data-dir', '/data/imagenet'] if cfg['dataset'] == '' else []  # an image-folder recipe needs one
+    args = parse_args(['--config', str(recipe)] + data_dir)
     assert args.recipe_sha256 and args.model == cfg['model']
     schedules = [TemperatureSchedule.from_dict(t) for t in args.temperature]
     if schedules:
@@ -49,9 +50,41 @@ def test_recipe_is_valid(recipe):
         assert all(s.role in roles or s.role is None for s in schedules)
 
 
+@pytest.mark.parametrize('recipe', RECIPES, ids=lambda p: p.stem)
+def test_recipe_names_its_data_and_uses_data_dir(recipe, capsys):
+    """Every recipe names its data set; ``--data-dir`` is used by an image-folder recipe (which needs one) and
+    refused by a built-in data set, never silently ignored."""
+    import yaml
+    raw = yaml.safe_load(recipe.read_text())
+    assert 'dataset' in raw, recipe
+    cfg = ['--config', str(recipe), '--data-dir', '/data/imagenet']
+    if raw['dataset'] == '':
+        assert parse_args(cfg).data_dir == '/data/imagenet'
+        with pytest.raises(SystemExit) as e:
+            parse_args(['--config', str(recipe)])
+        assert e.value.code == 2 and 'give its root with --data-dir' in capsys.readouterr().err
+    else:
+        with pytest.raises(SystemExit) as e:
+            parse_args(cfg)
+        assert e.value.code == 2 and "would ignore --data-dir '/data/imagenet'" in capsys.readouterr().err
+
+
+def test_data_dir_without_dataset_is_an_image_folder(tmp_path):
+    args = parse_args(['--model', 'fmdconv_resnet18', '--data-dir', str(tmp_path)])
+    assert args.dataset == '' and args.data_dir == str(tmp_path)
+    assert parse_args(['--model', 'fmdconv_resnet18']).dataset == 'sklearn/digits'
+
+
+def test_recipe_without_dataset_is_refused(tmp_path):
+    bad = tmp_path / 'nodata.yaml'
+    bad.write_text('model: fmdconv_resnet18\nepochs: 1\n')
+    with pytest.raises(ValueError, match='names no data set'):
+        load_recipe(str(bad))
+
+
 def test_recipe_refuses_unknown_option(tmp_path):
     bad = tmp_path / 'bad.yaml'
-    bad.write_text('model: fmdconv_resnet18\nlearning_rate_typo: 0.1\n')
+    bad.write_text("model: fmdconv_resnet18\ndataset: ''\nlearning_rate_typo: 0.1\n")
     with pytest.raises(ValueError, match='learning_rate_typo'):
         load_recipe(str(bad))
 
@@ -165,7 +198,7 @@ def test_mobilenetv2_recipe_starts_with_trainable_gradients(recipe):
     """At a recipe's first-iteration temperatures, a dynamic MobileNetV2's stem gradient stays within 5x the static
     MobileNetV2's on the same batch; at temperature 1 everywhere it is 1e3-1e9x (docs/weights.md), which is why
     training from scratch needs the schedules and why FMDConv's recipe also anneals the gates."""
-    args = parse_args(['--config', recipe])
+    args = parse_args(['--config', recipe, '--data-dir', '/data/imagenet'])
     schedules = [TemperatureSchedule.from_dict(t) for t in args.temperature]
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
 

@@ -112,7 +112,7 @@ def test_without_a_schedule_nothing_changes():
     before = dynzoo.get_temperatures(model)
     _train_steps(model, 2, torch.randn(2, 3, 32, 32))
     assert dynzoo.get_temperatures(model) == before
-    assert not hasattr(model, 'temperature_annealing')
+    assert model.temperature_annealing.schedule is None
     assert 'temperature_annealing.num_steps' not in model.state_dict()
 
 
@@ -126,7 +126,17 @@ def test_schedule_checkpoint_loads_into_a_model_without_one(tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     plain = timm.create_model('odconv_resnet18_1x', num_classes=3, pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(path)))
-    assert not hasattr(plain, 'temperature_annealing')
+    assert plain.temperature_annealing.schedule is None
+    # timm's own strict load_checkpoint (validate.py, onnx_export.py) into a model built without a schedule
+    from timm.models import load_checkpoint
+    unscheduled = timm.create_model('odconv_resnet18_1x', num_classes=3)
+    load_checkpoint(unscheduled, str(path))
+    torch.testing.assert_close(unscheduled.state_dict(), plain.state_dict())
+    # and a checkpoint without a step count into a scheduled model (train.py --initial-checkpoint): step 0
+    scheduled = timm.create_model('odconv_resnet18_1x', num_classes=3, temperature_schedule='linear',
+                                  temperature_steps_per_epoch=1)
+    scheduled.load_state_dict(unscheduled.state_dict())
+    assert int(scheduled.temperature_annealing.num_steps) == 0
     again = timm.create_model('odconv_resnet18_1x', num_classes=3, pretrained=True, temperature_schedule='linear',
                               temperature_steps_per_epoch=1, pretrained_cfg_overlay=dict(file=str(path)))
     assert int(again.temperature_annealing.num_steps) == 0
@@ -147,3 +157,14 @@ def test_schedule_bad_arguments(kwargs, match):
 def test_paper_schedule_where_the_paper_has_none(name):
     with pytest.raises(ValueError, match='anneals no temperature'):
         timm.create_model(name, temperature_schedule='paper', temperature_steps_per_epoch=3)
+    with pytest.raises(ValueError, match='no attention head with a temperature'):
+        timm.create_model(name, temperature_schedule='linear', temperature_steps_per_epoch=3)
+    assert not hasattr(timm.create_model(name), 'temperature_annealing')
+
+
+def test_schedule_and_features_only():
+    backbone = timm.create_model('fmdconv_resnet18', features_only=True)
+    assert not hasattr(backbone, 'temperature_annealing')
+    with pytest.raises(ValueError, match='features_only'):
+        timm.create_model('fmdconv_resnet18', features_only=True, temperature_schedule='paper',
+                          temperature_steps_per_epoch=3)

@@ -123,15 +123,28 @@ class TemperatureAnnealing(nn.Module):
     gradient accumulation, count ``steps_per_epoch`` in forward passes. Attach it with :func:`attach_temperature_schedule`.
     """
 
-    def __init__(self, schedule: str, steps_per_epoch: int):
+    def __init__(self, schedule: Optional[str] = None, steps_per_epoch: int = 1):
         super().__init__()
-        if schedule not in TEMPERATURE_SCHEDULES:
+        if schedule is not None and schedule not in TEMPERATURE_SCHEDULES:
             raise ValueError(f'unknown temperature schedule {schedule!r}; expected one of '
                              f'{sorted(TEMPERATURE_SCHEDULES)}')
         _check_steps_per_epoch(int(steps_per_epoch))
         self.schedule = schedule
         self.steps_per_epoch = int(steps_per_epoch)
-        self.register_buffer('num_steps', torch.zeros((), dtype=torch.int64))
+        # no schedule: no step count (the model's temperatures stay where they are)
+        self.register_buffer('num_steps', torch.zeros((), dtype=torch.int64) if schedule is not None else None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # the step count is training state, so any checkpoint loads into any model (timm's load_checkpoint is
+        # strict): a model without a schedule ignores a saved count, a scheduled one without a saved count starts at 0
+        key = prefix + 'num_steps'
+        if self.num_steps is None:
+            state_dict.pop(key, None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if key in missing_keys:
+            missing_keys.remove(key)
 
     def temperatures(self, step: int) -> Dict[str, float]:
         """``{role: T}`` of the schedule at 0-based ``step``."""
@@ -139,7 +152,7 @@ class TemperatureAnnealing(nn.Module):
 
     def advance(self, model: nn.Module) -> None:
         """Set ``model``'s temperatures for the current step and count it (a no-op outside training)."""
-        if not (model.training and torch.is_grad_enabled()):
+        if self.num_steps is None or not (model.training and torch.is_grad_enabled()):
             return
         with torch.no_grad():
             self._advance(model)
@@ -152,24 +165,28 @@ class TemperatureAnnealing(nn.Module):
         self.num_steps += 1
 
     def extra_repr(self) -> str:
-        return f'{self.schedule!r}, steps_per_epoch={self.steps_per_epoch}'
+        return f'{self.schedule!r}, steps_per_epoch={self.steps_per_epoch}' if self.schedule else 'no schedule'
 
 
 def _anneal_before_forward(model: nn.Module, args) -> None:
     model.temperature_annealing.advance(model)
 
 
-def attach_temperature_schedule(model: nn.Module, schedule: str, steps_per_epoch: int) -> nn.Module:
-    """Give ``model`` its own :class:`TemperatureAnnealing` (as ``model.temperature_annealing``, key
-    ``temperature_annealing.num_steps``), run before each of its forward passes; returns ``model``."""
+def attach_temperature_schedule(model: nn.Module, schedule: Optional[str], steps_per_epoch: int = 1) -> nn.Module:
+    """Give ``model`` its :class:`TemperatureAnnealing` as ``model.temperature_annealing`` (key
+    ``temperature_annealing.num_steps`` with a schedule), run before each of its forward passes; returns ``model``.
+
+    ``schedule=None`` attaches an idle one, so that a checkpoint saved with a schedule loads into the model."""
     annealing = TemperatureAnnealing(schedule, steps_per_epoch)
-    roles = set(TEMPERATURE_SCHEDULES[schedule])
-    if not any(isinstance(m, TemperatureMixin) and m.temperature_role in roles for m in model.modules()):
-        raise ValueError(f'{type(model).__name__} has no attention head with a temperature of the roles '
-                         f'{sorted(roles)} that the {schedule!r} schedule anneals')
-    buffer = next(iter(model.buffers()), None)
-    if buffer is not None:
-        annealing.to(buffer.device)
+    if schedule is not None:
+        roles = set(TEMPERATURE_SCHEDULES[schedule])
+        if not any(isinstance(m, TemperatureMixin) and m.temperature_role in roles for m in model.modules()):
+            raise ValueError(f'{type(model).__name__} has no attention head with a temperature of the roles '
+                             f'{sorted(roles)} that the {schedule!r} schedule anneals')
+        buffer = next(iter(model.buffers()), None)
+        if buffer is not None:
+            annealing.to(buffer.device)
     model.temperature_annealing = annealing
-    model.register_forward_pre_hook(_anneal_before_forward)
+    if schedule is not None:
+        model.register_forward_pre_hook(_anneal_before_forward)
     return model

@@ -21,7 +21,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs
 
-from dynzoo.layers.temperature import attach_temperature_schedule
+from dynzoo.layers.temperature import TemperatureMixin, attach_temperature_schedule
 from . import _hub as hub
 
 __all__ = ['dynzoo_cfg', 'generate_dynzoo_cfgs', 'build_dynzoo_model', 'register_family', 'FAMILIES',
@@ -244,9 +244,13 @@ def build_dynzoo_model(
         cfg = getattr(m, 'pretrained_cfg', None)
         if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
             cfg['state_dict'] = None
-    if schedule is not None:
-        # a fresh schedule (a pretrained start is fine-tuned from step 0); timm's --resume loads num_steps back
-        attach_temperature_schedule(model, *schedule)
+    if kwargs.get('features_only'):
+        if schedule is not None:
+            raise ValueError(f'{variant}: temperature_schedule= anneals a whole model, not a features_only backbone')
+    elif schedule is not None or any(isinstance(m, TemperatureMixin) for m in model.modules()):
+        # a fresh schedule (a pretrained start is fine-tuned from step 0; timm's --resume loads num_steps back), or
+        # an idle one, so that a checkpoint saved with a schedule loads into a model built without
+        attach_temperature_schedule(model, *(schedule or (None,)))
     return model
 
 

@@ -17,7 +17,9 @@ What dynzoo adds:
 * **Recipes** are YAML files (``dynzoo/tools/recipes/*.yaml``, or any path) whose keys are this script's options.
 * **Built-in data**: ``sklearn/digits`` (the UCI handwritten digits shipped with scikit-learn, split by seed)
   and ``synthetic`` (a small generated set for smoke and DDP tests); everything else goes to timm's
-  ``create_dataset`` (image folders, ``torch/cifar10``, ...).
+  ``create_dataset`` (image folders, ``torch/cifar10``, ...). Every recipe names its data set (``dataset:``), and
+  ``--data-dir`` is never ignored: without a named data set it means an image folder, and the built-in sets refuse
+  it. :func:`write_digits_imagefolder` writes the digits as an image folder for timm's own scripts.
 * **Exact resume**: every epoch reseeds the RNGs from ``seed + epoch`` (and rank), so ``--resume`` from the last
   checkpoint continues bit-for-bit like an uninterrupted run on the same setup.
 * ``results.json`` in the output folder (best epoch, its metrics and the evaluation protocol, recipe hash, wall
@@ -50,12 +52,11 @@ import torch.nn.functional as F
 from dynzoo.layers.temperature import TEMPERATURE_ROLES, fmdconv_temperature, linear_temperature, set_temperature
 
 __all__ = [
-    'RECIPE_DIR', 'ArrayImageDataset', 'TemperatureSchedule', 'apply_temperatures', 'TrainResult', 'build_parser',
-    'parse_args',
-    'find_recipe', 'load_recipe', 'digits_datasets', 'synthetic_datasets', 'create_datasets',
-    'TrainData', 'TrainComponents', 'init_devices', 'create_model', 'setup_model', 'create_data', 'create_optimizer',
-    'create_loss', 'create_components', 'train_one_epoch', 'evaluate', 'evaluate_epoch', 'create_saver',
-    'write_results', 'train', 'main',
+    'RECIPE_DIR', 'BUILTIN_DATASETS', 'ArrayImageDataset', 'TemperatureSchedule', 'apply_temperatures', 'TrainResult',
+    'build_parser', 'parse_args', 'find_recipe', 'load_recipe', 'digits_datasets', 'write_digits_imagefolder',
+    'synthetic_datasets', 'create_datasets', 'TrainData', 'TrainComponents', 'init_devices', 'create_model',
+    'setup_model', 'create_data', 'create_optimizer', 'create_loss', 'create_components', 'train_one_epoch',
+    'evaluate', 'evaluate_epoch', 'create_saver', 'write_results', 'train', 'main',
 ]
 
 _logger = logging.getLogger('dynzoo.tools.train')
@@ -88,9 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model-kwargs', type=json.loads, default={}, help='extra model kwargs as JSON')
     g.add_argument('--grad-checkpointing', action='store_true')
     g = p.add_argument_group('data')
-    g.add_argument('--dataset', default='sklearn/digits',
-                   help="'sklearn/digits', 'synthetic', or a timm create_dataset name ('' = image folder)")
-    g.add_argument('--data-dir', default='', help='root of the data set for timm datasets')
+    g.add_argument('--dataset', default=None,
+                   help="'sklearn/digits', 'synthetic', or a timm create_dataset name ('' = image folder); "
+                        "default: an image folder when --data-dir is given, else sklearn/digits")
+    g.add_argument('--data-dir', default='', help='root of the data set for timm datasets (required by an image '
+                                                  'folder; refused by the built-in sklearn/digits and synthetic)')
     g.add_argument('--train-split', default='train')
     g.add_argument('--val-split', default='validation')
     g.add_argument('--dataset-download', action='store_true')
@@ -196,7 +199,7 @@ def find_recipe(name_or_path: str) -> Path:
 
 
 def load_recipe(name_or_path: str, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str, Any]:
-    """Read a YAML recipe and check every key is an option of the training script."""
+    """Read a YAML recipe and check every key is an option of the training script and that it names its data set."""
     import yaml
     path = find_recipe(name_or_path)
     with open(path, 'r', encoding='utf-8') as f:
@@ -209,6 +212,9 @@ def load_recipe(name_or_path: str, parser: Optional[argparse.ArgumentParser] = N
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ValueError(f'recipe {path} has unknown option(s) {unknown}; see `dynzoo train --help`')
+    if 'dataset' not in cfg:
+        raise ValueError(f"recipe {path} names no data set: add a `dataset:` key ('' for an image folder given by "
+                         f"--data-dir, 'sklearn/digits', 'synthetic' or a timm dataset name)")
     if 'temperature' in cfg:
         cfg['temperature'] = cfg['temperature'] or []
         if isinstance(cfg['temperature'], dict):
@@ -229,8 +235,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.recipe_path, args.recipe_sha256 = recipe_path, recipe_sha
     if not args.model:
         parser.error('no model: give --model or a recipe that names one')
+    _check_data_source(parser, args)
     args.temperature = [TemperatureSchedule.from_dict(t).to_dict() for t in args.temperature]
     return args
+
+
+BUILTIN_DATASETS = ('sklearn/digits', 'synthetic')
+
+
+def _check_data_source(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every ``--data-dir`` is used or refused: a built-in data set has no folder, an image folder needs one."""
+    source = f'recipe {Path(args.recipe_path).stem} trains on' if args.recipe_path else '--dataset is'
+    if args.dataset is None:
+        args.dataset = '' if args.data_dir else 'sklearn/digits'
+    if args.dataset in BUILTIN_DATASETS and args.data_dir:
+        parser.error(f'{source} {args.dataset!r}, which would ignore --data-dir {args.data_dir!r}; pass '
+                     f"--dataset '' to train on that image folder (or another timm dataset name)")
+    if args.dataset == '' and not args.data_dir:
+        parser.error(f'{source} an image folder: give its root with --data-dir')
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -348,6 +370,27 @@ def digits_datasets(val_fraction: float = 0.2, split_seed: int = 0):
     classes = [str(c) for c in digits.target_names]
     return (ArrayImageDataset(images[idx_train], digits.target[idx_train], classes),
             ArrayImageDataset(images[idx_val], digits.target[idx_val], classes))
+
+
+def write_digits_imagefolder(root, size: int = 32, val_fraction: float = 0.2, split_seed: int = 0) -> Path:
+    """Write :func:`digits_datasets` as an image folder that any timm script reads: ``root/train/<digit>/*.png``
+    and ``root/validation/<digit>/*.png``, each image upsampled (bicubic) to ``size`` x ``size`` RGB.
+
+    The same split and pixels as ``--dataset sklearn/digits``; a folder that already holds it is reused.
+    """
+    from PIL import Image
+    root = Path(root)
+    done = root / f'.digits-{size}px-{val_fraction}-{split_seed}'
+    if done.is_file():
+        return root
+    splits = dict(zip(('train', 'validation'), digits_datasets(val_fraction, split_seed)))
+    for split, ds in splits.items():
+        for i, (image, target) in enumerate(zip(ds.images, ds.targets)):
+            folder = root / split / ds.classes[target]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).convert('RGB').resize((size, size), Image.BICUBIC).save(folder / f'{i:04d}.png')
+    done.write_text(json.dumps({split: len(ds) for split, ds in splits.items()}))
+    return root
 
 
 def synthetic_datasets(num_samples: int = 64, num_classes: int = 4, size: int = 16, val_fraction: float = 0.25,
