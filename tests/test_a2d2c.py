@@ -125,7 +125,7 @@ def test_eval_deterministic_and_batch_independent(eval_sampling, mode):
 
 
 def test_eval_mean_is_expectation_of_sampling():
-    """'mean' routes from the average of every output position: GAP of each response map (spec §2.6)."""
+    """'mean' routes from the average of every output position: GAP of each response map (Eq. 3-4's expectation)."""
     torch.manual_seed(4)
     fused, _ = _pair(GEOMETRIES[0])
     fused.eval()

@@ -76,7 +76,7 @@ def _randomize(module: nn.Module, seed: int = 0) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 def _reference_atconv(m: ATConv2d, x: torch.Tensor) -> torch.Tensor:
-    """Spec §1.3 written out step by step, with one conv2d per (sample, channel) for Eq. (11)."""
+    """Alg. 1 written out step by step, with one conv2d per (sample, channel) for Eq. (11)."""
     b, c, h, w = x.shape
     k = m.kernel_size
     f = F.conv2d(x, m.kernel_proj.weight, m.kernel_proj.bias)
@@ -122,7 +122,7 @@ def test_atconv_pool_modes_differ_and_count_the_same():
 
 
 def test_atconv_1d_pool_bins_are_the_authors_bands():
-    """Spec §1.4 table: the 9 bins of the 1-D pool on a 56x56 map cover these (first row, last row) bands."""
+    """The authors' adaptive 1-D pool: the 9 bins of the 1-D pool on a 56x56 map cover these (first row, last row) bands."""
     h = w = 56
     m = ATConv2d(h * w)
     onehot = torch.eye(h * w).reshape(1, h * w, h, w)  # channel i is the indicator of flat position i

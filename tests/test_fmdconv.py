@@ -39,7 +39,7 @@ def _randomize(layer: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def _attentions(layer: FMDConv2d, x: torch.Tensor):
-    """Spec §1.4 steps 1-4 from the layer's submodules: (alpha_in (B,C_in), alpha_out (B,C_out), alpha_k (B,K))."""
+    """Eq. 5-6 step by step from the layer's submodules: (alpha_in (B,C_in), alpha_out (B,C_out), alpha_k (B,K))."""
     b = x.shape[0]
     s = x.mean((2, 3), keepdim=True)
     a_in = x.new_ones(b, layer.in_channels)
@@ -193,7 +193,7 @@ def test_toggle_single_gate(use_input, use_output):
 
 
 def test_k1_keeps_kernel_branch():
-    """Spec §1.3: the kernel-attention branch exists at K = 1 (Table 9 counts it) and is the constant 1."""
+    """The kernel-attention branch exists at K = 1 (Table 9 counts it) and is the constant 1."""
     layer = _randomize(FMDConv2d(8, 16, 3, padding=1, num_kernels=1, dtype=torch.float64)).eval()
     assert layer.attention2 is not None
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
