@@ -310,6 +310,7 @@ class PyramidVisionTransformerV1(nn.Module):
             raise ValueError("global_pool='token' needs the class token")
         dd = {'device': device, 'dtype': dtype}
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_prefix_tokens = 1 if class_token else 0
         self.grad_checkpointing = False
@@ -388,9 +389,9 @@ class PyramidVisionTransformerV1(nn.Module):
             if global_pool == 'token' and not self.num_prefix_tokens:
                 raise ValueError("global_pool='token' needs the class token")
             self.global_pool = global_pool
-        p = self.stages[0].proj.weight
-        self.head = nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype) \
-            if num_classes > 0 else nn.Identity()
+        p = next(self.parameters())
+        self.head = (nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype)
+                     if num_classes > 0 else nn.Identity()).train(self.training)
 
     def _to_map(self, x: torch.Tensor, feat_size: List[int]) -> torch.Tensor:
         """Grid tokens ``(B, [P +] h * w, C)`` -> ``(B, C, h, w)``."""
@@ -441,16 +442,23 @@ class PyramidVisionTransformerV1(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens of the last stage after the final norm, ``(B, [P +] h * w, C)``."""
+        """The last stage after the final norm: the ``(B, C, h, w)`` map (timm's unpooled features), or with a class
+        token the tokens ``(B, 1 + h * w, C)``."""
         feat_size: List[int] = []
         for i, stage in enumerate(self.stages):
             if i > 0:
                 x = self._to_map(x, feat_size)
             x, feat_size = stage(x)
-        return self.norm(x)
+        x = self.norm(x)
+        if self.num_prefix_tokens == 0:
+            x = self._to_map(x, feat_size)
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'token':
+        if self.num_prefix_tokens == 0:  # forward_features gave the (B, C, h, w) map
+            if self.global_pool:
+                x = x.mean(dim=(2, 3))
+        elif self.global_pool == 'token':
             x = x[:, 0]
         elif self.global_pool == 'avg':
             x = x[:, self.num_prefix_tokens:].mean(dim=1)
