@@ -23,7 +23,7 @@ report: setup
 # (two pytest-xdist workers, one thread each, every test of one model on one worker)
 export OMP_WAIT_POLICY := PASSIVE
 # tensors of 256 KiB and more are mmap'd, so a long-lived xdist worker returns freed model memory to the system
-# (the worker building 56 models one after another otherwise grows past 12 GiB from heap fragmentation)
+# (in a full run of 56 models one worker grew to 12.5 GiB and was killed by the OOM killer)
 export MALLOC_MMAP_THRESHOLD_ := 262144
 test: setup
 	$(BIN)/python -m pytest tests -n 2 --dist loadgroup -q -p no:cacheprovider --durations=25
