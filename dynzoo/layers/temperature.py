@@ -168,6 +168,7 @@ class TemperatureAnnealing(nn.Module):
         return f'{self.schedule!r}, steps_per_epoch={self.steps_per_epoch}' if self.schedule else 'no schedule'
 
 
+@torch.compiler.disable  # Python-side schedule state: run eagerly before the compiled forward, not traced
 def _anneal_before_forward(model: nn.Module, args) -> None:
     model.temperature_annealing.advance(model)
 
