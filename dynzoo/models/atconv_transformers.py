@@ -425,6 +425,8 @@ class PyramidVisionTransformerV1(nn.Module):
             return intermediates
         if num_run == len(self.stages):
             x = self.norm(x)
+        if self.num_prefix_tokens == 0:  # as forward_features: the (B, C, h, w) map
+            x = self._to_map(x, feat_size)
         return x, intermediates
 
     def prune_intermediate_layers(
