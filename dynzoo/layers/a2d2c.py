@@ -40,7 +40,7 @@ from timm.layers import register_notrace_module
 
 from .dynamic import DynamicAttention, DynamicConv2dBase, conv_output_size, resolve_strategy
 from .fusion import bn_scale_shift
-from .heads import softmax_fp32
+from .heads import softmax_fp32, zero_layers_
 from .temperature import TemperatureMixin
 
 __all__ = ['A2D2CConv2d', 'A2D2CRouter', 'A2D2C_MODES', 'A2D2C_EVAL_SAMPLING']
@@ -64,6 +64,10 @@ class A2D2CRouter(nn.Linear, TemperatureMixin):
         """``descriptors`` ``(B, K, C_out)`` -> routing weights ``pi`` ``(B, K)`` (softmax in at least fp32)."""
         z = F.linear(descriptors, self.weight.to(descriptors.dtype), self.bias.to(descriptors.dtype)).squeeze(-1)
         return softmax_fp32(z / self.temperature, dim=1)
+
+    def zero_logits_(self) -> None:
+        """Zero the router: uniform routing weights ``1/K`` at any temperature (upcycling's start)."""
+        zero_layers_(self)
 
 
 @register_notrace_module

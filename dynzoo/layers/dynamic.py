@@ -25,7 +25,9 @@ Execution strategies, all exact (they agree to float rounding, tested in ``tests
   channels x a chunk of samples, :func:`tile_plan`) and each tile is consumed by its grouped conv right away. The
   full ``(B, C_out, C_in/g, kh, kw)`` tensor is never built: in deep layers it is far larger than the
   activations (300 MB at 512->512, 7x7, batch 32), and on a VM a fresh allocation of that size costs more in page
-  faults than the convolution itself (``docs/performance.md``);
+  faults than the convolution itself (``docs/performance.md``). Where a sample's kernel is smaller than its
+  activations, the input- and output-channel attentions scale the tile's kernels instead of the activations
+  (:func:`scale_kernels`);
 * ``'dense'``    run the ``K`` experts as one dense conv with ``K*C_out`` outputs (:func:`expert_responses`) and
   mix the outputs with ``alpha`` (no per-sample kernel is built; ``K`` times the FLOPs but dense-conv speed;
   A2D2C+'s Eq. 8). Not available with a spatial attention, which mixes taps inside the kernel (falls back to
@@ -41,8 +43,11 @@ Execution strategies, all exact (they agree to float rounding, tested in ``tests
 
 While a graph is traced or exported (``torch.jit.trace``, ONNX, ``torch.export``) every per-sample form
 (``'grouped'``, ``'tiled'``, ``'loop'``) runs as ``'gemm'``, whose graph does not depend on the batch size: a graph
-traced at one batch size runs at any other. An empty batch ``(0, C_in, H, W)`` gives the empty output
-``(0, C_out, H', W')`` in every strategy (the per-sample forms run it as ``'gemm'``), as ``nn.Conv2d`` does.
+traced at one batch size runs at any other. While ``torch.compile`` traces the code they run batch-agnostic as well
+(depthwise layers as ``'shift'``, others as ``'gemm'``; :mod:`dynzoo.layers.per_sample`), so that
+``torch.compile(model, dynamic=True)`` adds no graph per batch size. An empty batch ``(0, C_in, H, W)`` gives the
+empty output ``(0, C_out, H', W')`` in every strategy (the per-sample forms run it as ``'gemm'``), as ``nn.Conv2d``
+does.
 
 Families (FMDConv, ODConv, DynamicConv, CondConv, A2D2C, DMF, SGDM) differ only in their heads: a subclass of
 :class:`DynamicConv2dBase` implements :meth:`DynamicConv2dBase.forward_attention` (and, for SGDM's guide,
@@ -57,10 +62,10 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple
 
 from .fusion import fold_bn_into_bank_
-from .per_sample import conv_output_size, is_exporting, is_pointwise, per_sample_conv2d
+from .per_sample import conv_output_size, is_compiling, is_exporting, is_pointwise, per_sample_conv2d
 
 __all__ = [
-    'STRATEGIES', 'DynamicAttention', 'DynamicConv2dBase', 'aggregate_kernels', 'expert_responses',
+    'STRATEGIES', 'DynamicAttention', 'DynamicConv2dBase', 'aggregate_kernels', 'scale_kernels', 'expert_responses',
     'dynamic_conv2d', 'tiled_dynamic_conv2d', 'select_strategy', 'set_default_strategy', 'get_default_strategy',
     'resolve_strategy',
     'tile_plan', 'tile_config', 'TILE_BYTES', 'TRAIN_TILE_BYTES', 'THREAD_TILE_BYTES', 'THREAD_TILE_SAMPLES',
@@ -138,6 +143,28 @@ def aggregate_kernels(
     return agg
 
 
+def scale_kernels(
+        kernels: torch.Tensor,
+        in_scale: Optional[torch.Tensor],
+        out_scale: Optional[torch.Tensor],
+        groups: int,
+) -> torch.Tensor:
+    """Per-sample kernels ``(B, C_out, C_in/g, kh, kw)`` with the input- and output-channel attentions folded in.
+
+    ``out_scale * conv(in_scale * x, W) = conv(x, W')`` with ``W'[o, i] = out_scale[o] * W[o, i] * in_scale[c(o, i)]``,
+    ``c(o, i)`` the input channel that kernel entry ``(o, i)`` of conv group ``o // (C_out/g)`` reads (ODConv's Eq. 4
+    and FMDConv's Eq. 5 scale the kernel's input and output channels; which side carries them is free by linearity).
+    """
+    batch, c_out, c_in_g, kh, kw = kernels.shape
+    if out_scale is not None:
+        kernels = kernels * out_scale.to(kernels.dtype).reshape(batch, c_out, 1, 1, 1)
+    if in_scale is not None:
+        kernels = kernels.reshape(batch, groups, c_out // groups, c_in_g, kh * kw) * \
+            in_scale.to(kernels.dtype).reshape(batch, groups, 1, c_in_g, 1)
+        kernels = kernels.reshape(batch, c_out, c_in_g, kh, kw)
+    return kernels
+
+
 def tile_plan(
         batch: int,
         out_channels: int,
@@ -184,10 +211,14 @@ def tiled_dynamic_conv2d(
         groups: int,
         budget: int,
         min_samples: int = 1,
+        in_scale: Optional[torch.Tensor] = None,
+        out_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The ``'tiled'`` strategy: per-sample kernels built tile by tile (:func:`tile_plan`), each tile consumed by
     :func:`per_sample_conv2d` at once. Output-channel tiles are the outer loop, so a tile of the bank is read from
-    memory once and reused from cache by every sample chunk."""
+    memory once and reused from cache by every sample chunk. ``in_scale`` ``(B, C_in)`` and ``out_scale``
+    ``(B, C_out)``, when given, are folded into each tile's kernels (:func:`scale_kernels`) and ``out_scale`` into
+    its bias, instead of scaling the input and the output."""
     batch = x.shape[0]
     num_k, c_out, c_in_g, kh, kw = weight.shape
     rows, samples = tile_plan(batch, c_out, groups, c_in_g * kh * kw, x.element_size(), budget, min_samples)
@@ -220,6 +251,16 @@ def tiled_dynamic_conv2d(
             b_t: Optional[torch.Tensor] = None
             if agg_bias is not None:
                 b_t = agg_bias[n0:n1, r0:r1].to(x.dtype)
+            if in_scale is not None or out_scale is not None:
+                is_t: Optional[torch.Tensor] = None
+                if in_scale is not None:
+                    is_t = in_scale[n0:n1, g0 * c_in_g:g1 * c_in_g]
+                os_t: Optional[torch.Tensor] = None
+                if out_scale is not None:
+                    os_t = out_scale[n0:n1, r0:r1]
+                    if b_t is not None:
+                        b_t = b_t * os_t.to(b_t.dtype)
+                agg = scale_kernels(agg, is_t, os_t, g1 - g0)
             chunks.append(per_sample_conv2d(
                 x_t[n0:n1], agg.to(x.dtype), b_t, stride, padding, dilation, g1 - g0, inner))
         row_tiles.append(chunks[0] if len(chunks) == 1 else torch.cat(chunks, 0))
@@ -341,14 +382,23 @@ def dynamic_conv2d(
         strategy = select_strategy(batch, c_in, c_out, (kh, kw), groups, num_k, out_hw, spatial_attn is not None,
                                    torch.is_grad_enabled() and weight.requires_grad)
     if not torch.jit.is_scripting():
-        if strategy == 'tiled' and is_exporting():  # tiling loops would bake the batch size into the graph
+        # tiling loops and batch-folded conv groups would bake the batch size into a traced or compiled graph
+        if (strategy == 'tiled' or strategy == 'grouped') and (is_exporting() or is_compiling()):
             strategy = 'gemm'
     if strategy == 'tiled' and batch == 0:  # no sample to tile: the empty (0, C_out, H', W') output
         strategy = 'gemm'
     if strategy not in ('grouped', 'tiled', 'dense', 'bmm', 'gemm', 'loop'):
         raise ValueError(
             "Unknown execution strategy '" + strategy + "'; expected auto, grouped, tiled, dense, bmm, gemm or loop.")
-    if in_scale is not None:
+    fold_in = False
+    fold_out = False
+    if strategy == 'tiled':  # scale the kernels instead of the activations where the kernels are smaller
+        kernel_elems = c_out * c_in_g * kh * kw
+        out_elems = c_out * conv_output_size(h, kh, stride[0], padding[0], dilation[0]) * \
+            conv_output_size(w, kw, stride[1], padding[1], dilation[1])
+        fold_in = in_scale is not None and kernel_elems <= c_in * h * w
+        fold_out = out_scale is not None and kernel_elems <= out_elems
+    if in_scale is not None and not fold_in:
         x = x * in_scale.to(x.dtype).reshape(batch, c_in, 1, 1)
     agg_bias = _aggregate_bias(bias, kernel_attn, static_bias, batch)
 
@@ -371,7 +421,8 @@ def dynamic_conv2d(
         if not torch.jit.is_scripting():
             budget, min_samples = tile_config(training)
         y = tiled_dynamic_conv2d(x, weight, kernel_attn, spatial_attn, static_weight, agg_bias, stride, padding,
-                                 dilation, groups, budget, min_samples)
+                                 dilation, groups, budget, min_samples, in_scale if fold_in else None,
+                                 out_scale if fold_out else None)
     else:
         if strategy == 'dense':  # spatial attention mixes kernel taps: only the aggregated forms apply
             strategy = 'grouped'
@@ -380,7 +431,7 @@ def dynamic_conv2d(
             agg_w = agg_w.expand(batch, -1, -1, -1, -1)
         y = per_sample_conv2d(x, agg_w.to(x.dtype), None if agg_bias is None else agg_bias.to(x.dtype),
                               stride, padding, dilation, groups, strategy)
-    if out_scale is not None:
+    if out_scale is not None and not fold_out:
         y = y * out_scale.to(y.dtype).reshape(batch, c_out, 1, 1)
     if post_bias is not None:
         y = y + post_bias.to(y.dtype).reshape(1, c_out, 1, 1)
@@ -568,3 +619,112 @@ class DynamicConv2dBase(nn.Module):
         if self.strategy != 'auto':
             s += f', strategy={self.strategy!r}'
         return s
+
+    # ---- upcycling: the layer as an exact copy of a static conv (dynzoo.models._upcycle) ----
+
+    def zero_attention_logits_(self) -> None:
+        """Zero the last layer of every attention head (each child module of a dynamic conv is a head with a
+        ``zero_logits_`` method), so that each outputs a constant: uniform softmax weights and sigmoid gates of 1/2,
+        whatever the input and the temperature."""
+        for name, head in self.named_children():
+            zero_logits = getattr(head, 'zero_logits_', None)
+            if zero_logits is None:
+                raise TypeError(f'{type(self).__name__}: its head {name!r} ({type(head).__name__}) has no '
+                                'zero_logits_(), so the layer cannot start as an exact copy of a static conv')
+            zero_logits()
+
+    @torch.no_grad()
+    def constant_gains(self, cond: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(alpha, gain, out_gain)`` (float64) of a layer whose heads output constants: the mixing weights ``(K,)``,
+        the factor ``(C_out, C_in/g, kh, kw)`` by which the input, output and spatial attentions and
+        :meth:`transform_bank` (given ``cond``) scale each tap of the mixed kernel (the layer's kernel is
+        ``gain * sum_k alpha_k W_k``), and the output attention ``(C_out,)``, which also scales the bias. The
+        heads run in eval mode on two random inputs; heads whose output depends on the input are refused."""
+        extent = [d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel_size)]
+        probe = torch.randn([2, self.in_channels] + extent, generator=torch.Generator().manual_seed(0),
+                            dtype=torch.float64).to(self.weight)
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            attn = self.forward_attention(probe)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        for field, value in zip(attn._fields, attn):
+            if value is not None and not torch.equal(value[0], value[1]):
+                raise ValueError(f'{type(self).__name__}: its {field} attention depends on the input; '
+                                 'zero_attention_logits_() first')
+        f64 = {'dtype': torch.float64, 'device': self.weight.device}
+        c_out, c_in_g = self.out_channels, self.in_channels // self.groups
+        alpha = torch.ones(1, **f64) if attn.kernel is None else attn.kernel[0].to(**f64)
+        out_gain = torch.ones(c_out, **f64) if attn.out_scale is None else attn.out_scale[0].to(**f64)
+        gain = self.transform_bank(torch.ones_like(self.weight[:1]), cond)[0].to(**f64)
+        gain = gain * out_gain.reshape(-1, 1, 1, 1)
+        if attn.in_scale is not None:  # input channel of W[o, j]: (o // (C_out / g)) * C_in / g + j
+            in_scale = attn.in_scale[0].to(**f64).reshape(self.groups, 1, c_in_g)
+            gain = gain * in_scale.expand(-1, c_out // self.groups, -1).reshape(c_out, c_in_g, 1, 1)
+        if attn.spatial is not None:
+            gain = gain * attn.spatial[0].to(**f64).reshape((1, 1) + self.kernel_size)
+        return alpha, gain, out_gain
+
+    @torch.no_grad()
+    def upcycled_state(
+            self,
+            weight: torch.Tensor,
+            bias: Optional[torch.Tensor] = None,
+            *,
+            generator: Optional[torch.Generator] = None,
+            perturbation: float = 0.1,
+            cond: Optional[torch.Tensor] = None,
+    ) -> 'dict[str, torch.Tensor]':
+        """This layer's state dict (its own keys) computing exactly the static conv ``(weight, bias)``; the layer
+        itself is left unchanged.
+
+        The heads' last layers are zero (:meth:`zero_attention_logits_`), so the mixing weights ``alpha`` and the
+        attention gains are constants (:meth:`constant_gains`); each expert is ``W / (gain * sum_k alpha_k) + P_k``
+        with a seeded perturbation ``P_k`` (RMS ``perturbation`` times the RMS of the first term, ``generator`` on
+        the CPU) projected so that ``sum_k alpha_k P_k = 0``: the mixed kernel is ``W``, the experts differ, and
+        the routing gets distinct gradients. A static bias goes into ``post_bias`` where the layer has one, else
+        into the kernel biases; the static kernel term (``static_weight``) is zero; every other state of the heads
+        is kept.
+        """
+        bank = ('weight', 'bias', 'static_weight', 'post_bias')
+        own = self.state_dict()
+        saved = {k: v.clone() for k, v in own.items() if k not in bank}
+        try:
+            self.zero_attention_logits_()
+            alpha, gain, out_gain = self.constant_gains(cond)
+            state = {k: v.clone() for k, v in self.state_dict().items() if k not in bank}
+        finally:
+            for k, v in saved.items():
+                own[k].copy_(v)
+        name = type(self).__name__
+        if tuple(weight.shape) != tuple(gain.shape):
+            raise ValueError(f'{name}: a static kernel of shape {tuple(gain.shape)} was expected, got '
+                             f'{tuple(weight.shape)}')
+        w = weight.to(gain)
+        kept = gain != 0
+        if bool((w[~kept] != 0).any()):
+            raise ValueError(f'{name}: the attention zeroes kernel taps that the static kernel uses')
+        base = torch.where(kept, w, torch.zeros_like(w)) / torch.where(kept, gain * alpha.sum(), torch.ones_like(w))
+        dd = {'dtype': self.weight.dtype, 'device': self.weight.device}
+        # the perturbation in the layer's dtype (drawn in float32, 5x faster than float64 on a CPU)
+        experts = torch.randn((self.num_kernels,) + tuple(w.shape), generator=generator).to(**dd)
+        experts.mul_(perturbation * float(base.square().mean().sqrt()))
+        alpha_d = alpha.to(**dd)
+        leak = torch.tensordot(alpha_d, experts, dims=1) / alpha_d.square().sum()  # sum_k a_k P_k / sum_k a_k^2
+        base = base.to(**dd)
+        for k in range(self.num_kernels):
+            experts[k].sub_(leak, alpha=float(alpha[k])).add_(base)
+        state['weight'] = experts
+        if self.static_weight is not None:
+            state['static_weight'] = torch.zeros_like(self.static_weight)
+        b = torch.zeros(self.out_channels, **dd) if bias is None else bias.to(**dd)
+        if self.post_bias is not None:
+            state['post_bias'] = b
+        if self.bias is not None:  # the kernel biases mix like the kernels and are scaled by the output attention
+            per_kernel = torch.zeros_like(b) if self.post_bias is not None else b.to(gain) / (out_gain * alpha.sum())
+            state['bias'] = per_kernel.to(**dd).unsqueeze(0).expand(self.num_kernels, -1).clone()
+        elif bias is not None and self.post_bias is None:
+            raise ValueError(f'{name}: the static conv has a bias, the layer neither kernel biases nor a post_bias')
+        return state

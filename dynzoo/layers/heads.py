@@ -28,7 +28,7 @@ from .temperature import TemperatureMixin
 
 __all__ = [
     'ODConvAttention', 'KernelAttention', 'RoutingAttention', 'PooledBatchNorm2d', 'SINGLE_SAMPLE_BN_MODES',
-    'softmax_fp32',
+    'softmax_fp32', 'zero_layers_',
 ]
 
 
@@ -37,6 +37,17 @@ def softmax_fp32(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
     if logits.dtype == torch.float16 or logits.dtype == torch.bfloat16:
         logits = logits.float()
     return torch.softmax(logits, dim=dim)
+
+
+@torch.no_grad()
+def zero_layers_(*layers: Optional[nn.Module]) -> None:
+    """Zero the weight and bias of each layer given (``None`` skipped): a head whose last layer is zero outputs a
+    constant, the start of upcycling (:meth:`~dynzoo.layers.dynamic.DynamicConv2dBase.upcycled_state`)."""
+    for layer in layers:
+        if layer is not None:
+            nn.init.zeros_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
 
 def _kaiming_conv_init(m: nn.Conv2d) -> None:
@@ -158,6 +169,10 @@ class ODConvAttention(nn.Module, TemperatureMixin):
             spatial = torch.sigmoid(self.spatial_fc(a).flatten(1) / t)
         return DynamicAttention(kernel, channel, filt, spatial)
 
+    def zero_logits_(self) -> None:
+        """Zero every head's last layer: uniform kernel softmax and gates of 1/2 at any temperature."""
+        zero_layers_(self.channel_fc, self.filter_fc, self.spatial_fc, self.kernel_fc)
+
     @torch.no_grad()
     def reparameterize(self) -> None:
         """Fold the trunk's BatchNorm into ``fc`` (exact, from the running statistics, any mode)."""
@@ -194,6 +209,10 @@ class KernelAttention(nn.Module, TemperatureMixin):
         z = self.fc2(F.relu(self.fc1(pooled))).flatten(1)
         return softmax_fp32(z / self.temperature, dim=1)
 
+    def zero_logits_(self) -> None:
+        """Zero ``fc2``: uniform mixing weights ``1/K`` at any temperature."""
+        zero_layers_(self.fc2)
+
 
 class RoutingAttention(nn.Module):
     """CondConv routing ``r(x) = sigmoid(FC(GAP x))``, one independent gate per expert (Yang et al. 2019, Eq. 2)."""
@@ -204,3 +223,7 @@ class RoutingAttention(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.fc(pooled.flatten(1)))
+
+    def zero_logits_(self) -> None:
+        """Zero ``fc``: every routing weight ``1/2``."""
+        zero_layers_(self.fc)

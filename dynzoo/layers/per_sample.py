@@ -13,6 +13,10 @@ and ATConv's per-sample, per-channel depthwise kernels). Strategies, all exact:
 * ``'loop'``     one ``conv2d`` per sample: the reference;
 * ``'shift'``    (depthwise only) the sum of ``kh*kw`` shifted, scaled views of the padded input.
 
+While ``torch.compile`` traces the code (Dynamo), the per-sample forms run batch-agnostic too, so that a graph
+compiled with ``dynamic=True`` is not specialized to the batch size: a depthwise layer (``groups == C_in ==
+C_out``) as ``'shift'`` (an elementwise chain that the compiler fuses into one kernel), any other as ``'gemm'``.
+
 An empty batch ``(0, C, H, W)`` gives the empty output ``(0, C_out, H', W')`` in every strategy (it runs as
 ``'gemm'``: there are no samples to fold into conv groups), as ``nn.Conv2d`` does.
 """
@@ -22,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    'PER_SAMPLE_STRATEGIES', 'DEPTHWISE_STRATEGIES', 'conv_output_size', 'is_exporting', 'is_pointwise',
-    'per_sample_conv2d', 'per_sample_depthwise_conv2d',
+    'PER_SAMPLE_STRATEGIES', 'DEPTHWISE_STRATEGIES', 'conv_output_size', 'is_exporting', 'is_compiling', 'is_pointwise',
+    'conv_taps', 'per_sample_conv2d', 'per_sample_depthwise_conv2d',
 ]
 
 PER_SAMPLE_STRATEGIES = ('grouped', 'bmm', 'gemm', 'loop')
@@ -43,8 +47,36 @@ def is_exporting() -> bool:
     return bool(exporting()) if exporting is not None else False
 
 
+def is_compiling() -> bool:
+    """True while ``torch.compile`` (Dynamo) traces the code, whose graph must not depend on the batch size."""
+    return torch.compiler.is_compiling()
+
+
 def is_pointwise(kh: int, kw: int, padding: Tuple[int, int], groups: int) -> bool:
     return kh == 1 and kw == 1 and padding[0] == 0 and padding[1] == 0 and groups == 1
+
+
+def conv_taps(
+        x: torch.Tensor,
+        kh: int,
+        kw: int,
+        stride: Tuple[int, int],
+        padding: Tuple[int, int],
+        dilation: Tuple[int, int],
+) -> List[torch.Tensor]:
+    """The ``kh*kw`` views ``x_pad[:, :, u*d_h::s_h, v*d_w::s_w]`` (``(B, C, H', W')``, taps in ``F.unfold``'s
+    order) of the zero-padded input that a convolution's kernel taps ``(u, v)`` meet."""
+    out_h = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    out_w = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    if padding[0] or padding[1]:
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    taps: List[torch.Tensor] = []
+    for u in range(kh):
+        for v in range(kw):
+            r0, c0 = u * dilation[0], v * dilation[1]
+            taps.append(x[:, :, r0:r0 + (out_h - 1) * stride[0] + 1:stride[0],
+                          c0:c0 + (out_w - 1) * stride[1] + 1:stride[1]])
+    return taps
 
 
 def _gemm_conv2d(
@@ -61,20 +93,37 @@ def _gemm_conv2d(
     c_out, c_in_g, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3], weight.shape[4]
     out_h = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
     out_w = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
-    if padding[0] or padding[1]:
-        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    taps: List[torch.Tensor] = []
-    for u in range(kh):
-        for v in range(kw):
-            r0, c0 = u * dilation[0], v * dilation[1]
-            taps.append(x[:, :, r0:r0 + (out_h - 1) * stride[0] + 1:stride[0],
-                          c0:c0 + (out_w - 1) * stride[1] + 1:stride[1]])
-    cols = taps[0].unsqueeze(2) if len(taps) == 1 else torch.stack(taps, 2)  # (B, C_in, kh*kw, H', W')
+    if kh * kw == 1 and stride[0] == 1 and stride[1] == 1 and out_h == h and out_w == w:
+        cols = x.unsqueeze(2)  # the one tap is the whole input: no slice (an exported graph would copy it)
+    else:
+        taps = conv_taps(x, kh, kw, stride, padding, dilation)
+        cols = taps[0].unsqueeze(2) if len(taps) == 1 else torch.stack(taps, 2)  # (B, C_in, kh*kw, H', W')
     cols = cols.reshape(batch, groups, c_in_g * kh * kw, out_h * out_w)
     kernels = weight.reshape(weight.shape[0], groups, c_out // groups, c_in_g * kh * kw)
     y = torch.matmul(kernels, cols).reshape(batch, c_out, out_h, out_w)
     if bias is not None:
         y = y + bias.reshape(-1, c_out, 1, 1)
+    return y
+
+
+def _shift_conv2d(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        stride: Tuple[int, int],
+        padding: Tuple[int, int],
+        dilation: Tuple[int, int],
+) -> torch.Tensor:
+    """The ``'shift'`` form of a per-sample depthwise conv, ``weight`` ``(B or 1, C, kh, kw)``: the sum over taps
+    ``(u, v)`` of the strided view :func:`conv_taps` scaled by ``weight[:, :, u, v]``."""
+    kh, kw = weight.shape[2], weight.shape[3]
+    y: Optional[torch.Tensor] = None
+    if bias is not None:
+        y = bias.reshape(-1, x.shape[1], 1, 1)
+    for t, tap in enumerate(conv_taps(x, kh, kw, stride, padding, dilation)):
+        tap = tap * weight[:, :, t // kw:t // kw + 1, t % kw:t % kw + 1]
+        y = tap if y is None else y + tap
+    assert y is not None
     return y
 
 
@@ -90,12 +139,16 @@ def per_sample_conv2d(
 ) -> torch.Tensor:
     """Convolve each sample ``x[n]`` with its own kernel ``weight[n]`` (``(B, C_out, C_in/g, kh, kw)``) and bias
     ``bias[n]`` (``(B, C_out)``); ``strategy`` one of :data:`PER_SAMPLE_STRATEGIES` (see the module docstring)."""
+    batch, c_in, h, w = x.shape
+    c_out = weight.shape[1]
     if not torch.jit.is_scripting():
         if (strategy == 'grouped' or strategy == 'loop') and is_exporting():
             strategy = 'gemm'
-    batch, c_in, h, w = x.shape
-    c_out = weight.shape[1]
-    if batch == 0:  # no sample to fold into the conv groups or to loop over: the empty output
+        elif strategy != 'bmm' and is_compiling():  # one graph for every batch size (module docstring)
+            if groups == c_in and c_out == c_in:
+                return _shift_conv2d(x, weight.squeeze(2), bias, stride, padding, dilation)
+            strategy = 'gemm'
+    if strategy != 'gemm' and batch == 0:  # no sample to fold into the conv groups or to loop over: the empty output
         strategy = 'gemm'
     if strategy == 'gemm':
         return _gemm_conv2d(x, weight, bias, stride, padding, dilation, groups)
@@ -140,8 +193,8 @@ def per_sample_depthwise_conv2d(
     ``y[b,c,h,w] = sum_{u,v} weight[b,c,u,v] * x[b,c,h+u-p_h,w+v-p_w]`` (cross-correlation, zero padding).
     ``'grouped'``, ``'gemm'`` and ``'loop'`` are :func:`per_sample_conv2d` with ``groups = C``; ``'shift'`` sums the
     shifted, scaled views of the padded input (no dynamic groups, channels_last friendly). ``'auto'`` is
-    ``'grouped'``, the fastest at every shape measured on CPU (``docs/performance.md``), and ``'gemm'`` while
-    exporting.
+    ``'grouped'``, the fastest at every shape measured on CPU (``docs/performance.md``), ``'gemm'`` while
+    exporting and ``'shift'`` while compiling.
     """
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[0] != x.shape[0] or weight.shape[1] != x.shape[1]:
         raise ValueError(f'per_sample_depthwise_conv2d expects x (B, C, H, W) and weight (B, C, kh, kw), got '
@@ -150,16 +203,7 @@ def per_sample_depthwise_conv2d(
     if strategy == 'auto':
         strategy = 'grouped'
     if strategy == 'shift':
-        kh, kw = weight.shape[2], weight.shape[3]
-        out_h = x.shape[2] + 2 * padding[0] - kh + 1
-        out_w = x.shape[3] + 2 * padding[1] - kw + 1
-        xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-        y = xp[:, :, 0:out_h, 0:out_w] * weight[:, :, 0:1, 0:1]
-        for t in range(1, kh * kw):
-            u = t // kw
-            v = t % kw
-            y = y + xp[:, :, u:u + out_h, v:v + out_w] * weight[:, :, u:u + 1, v:v + 1]
-        return y
+        return _shift_conv2d(x, weight, None, (1, 1), padding, (1, 1))
     if strategy != 'grouped' and strategy != 'gemm' and strategy != 'loop':
         raise ValueError(f"Unknown depthwise strategy '{strategy}'; expected one of "
                          "'auto', 'grouped', 'shift', 'gemm', 'loop'")

@@ -43,7 +43,7 @@ does not apply: the two strips act on disjoint channel groups and are concatenat
 folded kernel.
 """
 import math
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -104,6 +104,27 @@ def static_guide(weight_h: torch.Tensor, weight_w: torch.Tensor, num_channels: i
     """
     return (strip_to_square(weight_h[:num_channels, :num_channels], kernel_size)
             + strip_to_square(weight_w[:num_channels, :num_channels], kernel_size))
+
+
+def _centre_identity(channels: int, kernel_size: Tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
+    """The ``(channels, channels, kh, kw)`` kernel that copies each channel through its centre tap."""
+    weight = torch.zeros((channels, channels) + tuple(kernel_size), dtype=dtype, device=device)
+    weight[:, :, kernel_size[0] // 2, kernel_size[1] // 2] = torch.eye(channels, dtype=dtype, device=device)
+    return weight
+
+
+def _identity_norm_state(norm: nn.Module) -> Dict[str, torch.Tensor]:
+    """The state of a BatchNorm that passes its input through in eval (mean 0, variance ``1 - eps``, weight 1,
+    bias 0); empty for the ``nn.Identity`` of an inference form."""
+    if not is_batchnorm(norm):
+        return {}
+    state = {k: v.clone() for k, v in norm.state_dict().items()}
+    state['running_mean'].zero_()
+    state['running_var'].fill_(1.0 - norm.eps)
+    if 'weight' in state:
+        state['weight'].fill_(1.0)
+        state['bias'].zero_()
+    return state
 
 
 @register_notrace_module
@@ -261,6 +282,23 @@ class RDConv2d(nn.Module):
             self.dynamic.fuse_bn(self.bn)
             self.bn = norm_act_remainder(self.bn)
 
+    @torch.no_grad()
+    def identity_state(self, guide: torch.Tensor, generator: Optional[torch.Generator] = None,
+                       perturbation: float = 0.1) -> Dict[str, torch.Tensor]:
+        """This module's state dict (its own keys) for which it passes its input through unchanged in eval, given
+        the guide ``S`` it will run with; the module is left unchanged. The spatial strips are zero (the branch is
+        the constant ``sigmoid(0)^2``), the BN an identity (:func:`_identity_norm_state`), and the dynamic conv an
+        exact copy of the centre-tap identity kernel divided by that constant
+        (:meth:`~dynzoo.layers.dynamic.DynamicConv2dBase.upcycled_state`, seeded experts, routing weights 1/2)."""
+        state = {f'spatial.{k}': torch.zeros_like(v) for k, v in self.spatial.state_dict().items()}
+        spatial_gain = torch.sigmoid(torch.zeros((), dtype=torch.float64)) ** 2  # zero strips: sigmoid(0) sigmoid(0)
+        w = self.dynamic.weight
+        target = _centre_identity(self.num_intrinsic, (self.kernel_size, self.kernel_size), torch.float64, w.device)
+        state.update({f'bn.{k}': v for k, v in _identity_norm_state(self.bn).items()})
+        state.update({f'dynamic.{k}': v for k, v in self.dynamic.upcycled_state(
+            target / spatial_gain, generator=generator, perturbation=perturbation, cond=guide).items()})
+        return state
+
     def extra_repr(self) -> str:
         return f'{self.channels}, intrinsic={self.num_intrinsic}, kernel_size={self.kernel_size}'
 
@@ -396,6 +434,31 @@ class SGDM(nn.Module):
                 'the static strips of this SGDM were folded before the SGDM, which changed the kernels the guide is '
                 'built from; reparameterize the SGDM first (timm.utils.reparameterize_model visits it first)')
         self.guide = self.static_guide().detach().clone()
+
+    @torch.no_grad()
+    def identity_state(self, generator: Optional[torch.Generator] = None,
+                       perturbation: float = 0.1) -> Dict[str, torch.Tensor]:
+        """This module's state dict (its own keys) for which ``SGDM(X) = X`` in eval, so that inserting it into a
+        static network keeps the network's function (upcycling, :mod:`dynzoo.models._upcycle`); the module is left
+        unchanged. Each static strip is the centre-tap identity with an identity BN, which makes the guide ``S``
+        twice the centre-tap identity on the intrinsic channels, and RDConv passes its channels through
+        (:meth:`RDConv2d.identity_state`); its experts are trainable and differ, masked by ``S`` outside the
+        centre taps until the strips move."""
+        state: Dict[str, torch.Tensor] = {}
+        for name in ('conv_h', 'conv_w'):
+            strip = getattr(self, name)
+            conv = strip.conv
+            state[f'{name}.conv.weight'] = _centre_identity(
+                self.split_channels, conv.kernel_size, conv.weight.dtype, conv.weight.device)
+            if conv.bias is not None:
+                state[f'{name}.conv.bias'] = torch.zeros_like(conv.bias)
+            state.update({f'{name}.bn.{k}': v for k, v in _identity_norm_state(strip.bn).items()})
+        guide = static_guide(state['conv_h.conv.weight'], state['conv_w.conv.weight'], self.num_intrinsic,
+                             self.kernel_size)
+        if self.guide is not None:
+            state['guide'] = guide.clone()
+        state.update({f'rdconv.{k}': v for k, v in self.rdconv.identity_state(guide, generator, perturbation).items()})
+        return state
 
     def extra_repr(self) -> str:
         return f'{self.channels}, split={self.split_sizes}, intrinsic={self.num_intrinsic}'
