@@ -1,6 +1,7 @@
 """The ``dynzoo`` command line, the one entry point: ``dynzoo [--version] VERB ...`` (also ``python -m dynzoo``).
 
-``list``, ``info``, ``report`` and ``weights`` live here; ``train``, ``bench``, ``export``, ``convert``,
+``list``, ``info``, ``report`` and ``weights`` (with ``weights add`` / ``weights remove``: the user's index)
+live here; ``train``, ``bench``, ``export``, ``convert``,
 ``publish`` and ``timm`` (timm's own scripts, :mod:`dynzoo.tools.timm_scripts`) are the tools of
 :mod:`dynzoo.tools`, each with its own ``main(argv)`` this module delegates to (imported lazily, so ``dynzoo list``
 does not load the training stack). A bad request (unknown model, missing file, bad value) ends in one line on
@@ -16,7 +17,7 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 __all__ = ['main', 'build_parser', 'format_table', 'model_rows', 'param_breakdown', 'paper_match', 'is_miss',
-           'usage_error', 'TOOLS']
+           'usage_error', 'weights_rows', 'TOOLS']
 
 # verb -> (the dynzoo.tools module whose main(argv) runs it, help line)
 TOOLS = {
@@ -115,10 +116,11 @@ def _count_params(model) -> int:
 
 def _weights_status(name: str) -> str:
     from dynzoo.models import _hub as hub
-    entries = hub.entries_for(name)
-    if not entries:
-        return 'none'
-    return ', '.join(f"{e.get('tag')}:{e.get('status')}" for e in entries)
+    status = [f"{e.get('tag')}:{e.get('status')}" for e in hub.entries_for(name)]
+    upcycled = _upcycled_tags(name)
+    if upcycled:
+        status.append(f'upcycled:{len(upcycled)} tags from {upcycled[0].partition(".")[0]}')
+    return ', '.join(status) or 'none'
 
 
 def model_rows(names: Optional[Sequence[str]] = None, device: str = 'meta',
@@ -211,31 +213,96 @@ def _cmd_info(args) -> int:
     print('\nparameters by part:')
     print(format_table(param_breakdown(model)))
     from dynzoo.models import _hub as hub
-    from dynzoo.models._builder import known_tags
-    print('\npretrained tags:')
+    from dynzoo.models._builder import known_tags, upcycled_source
+    print('\npretrained tags (the first is the default):')
     tag_rows = []
     for tag in known_tags(args.name):
         e = hub.find_entry(args.name, tag)
-        tag_rows.append({'tag': f'{args.name}.{tag}', 'status': e.get('status') if e else 'no checkpoint',
-                         'source': (e.get('source') or {}).get('url', '') if e else ''})
+        source_tag = upcycled_source(args.name, tag)
+        if e is not None:
+            src = e.get('source') or {}
+            status, source = e.get('status'), e.get('file') or src.get('url') or src.get('from') or ''
+        elif source_tag is not None:
+            status, source = 'upcycled', f'{source_tag} ({timm.get_pretrained_cfg(source_tag).hf_hub_id})'
+        else:
+            status, source = 'no checkpoint', ''
+        license_ = timm.get_pretrained_cfg(f'{args.name}.{tag}').license or 'unknown'
+        tag_rows.append({'tag': f'{args.name}.{tag}', 'status': status, 'license': license_, 'source': source})
     print(format_table(tag_rows))
     return 0
 
 
+def _upcycled_tags(name: str) -> List[str]:
+    """``name``'s upcycled tags in force (:func:`dynzoo.models._builder.upcycled_source`) as their source tags."""
+    from dynzoo.models._builder import upcycle_sources, upcycled_source
+    return [t for t in upcycle_sources(name) if upcycled_source(name, t.partition('.')[2]) is not None]
+
+
+def weights_rows() -> List[Dict[str, object]]:
+    """Every pretrained tag with weights: the index entries in force (``layer``: the base index or the user's) and
+    the upcycled tags (``layer`` ``timm``: the static source's hub file, its sha256 once pinned)."""
+    import timm
+    import dynzoo
+    from dynzoo.models import _hub as hub
+    rows = []
+    for path, e in hub.entries_in_force():
+        metrics = {m.get('name'): m.get('value') for m in e.get('metrics') or [] if isinstance(m, dict)}
+        src = e.get('source') or {}
+        rows.append(OrderedDict(
+            model=hub.entry_name(e), status=e.get('status'),
+            layer='user' if path == hub.user_index_path() else 'base',
+            weights=e.get('file') or e.get('hf_hub_id') or '-', sha256=(e.get('sha256') or '-')[:12],
+            license=e.get('license', '-'), top1=metrics.get('top1', '-'),
+            source=src.get('url') or src.get('from') or src.get('recipe') or '-'))
+    pins = hub.pins_path()
+    pinned = json.loads(pins.read_text(encoding='utf-8')) if pins.is_file() else {}
+    for name in dynzoo.list_dynzoo_models():
+        for source_tag in _upcycled_tags(name):
+            cfg = timm.get_pretrained_cfg(source_tag)
+            pin = pinned.get(f'{cfg.hf_hub_id}/{cfg.hf_hub_filename or hub.WEIGHTS_NAME}@main') or {}
+            rows.append(OrderedDict(
+                model=f'{name}.{source_tag.partition(".")[2]}', status='upcycled', layer='timm',
+                weights=cfg.hf_hub_id, sha256=(pin.get('sha256') or 'not pinned')[:12],
+                license=cfg.license or 'unknown', top1='-', source=source_tag))
+    return rows
+
+
 def _cmd_weights(args) -> int:
     from dynzoo.models import _hub as hub
-    index = hub.load_index()
-    rows = []
-    for e in index['entries']:
-        metrics = e.get('metrics') or {}
-        if isinstance(metrics, list):  # schema of docs/weights.md: [{name, value, protocol, measured_by}]
-            metrics = {m.get('name'): m.get('value') for m in metrics if isinstance(m, dict)}
-        rows.append(OrderedDict(
-            model=f"{e.get('model')}.{e.get('tag')}", status=e.get('status'),
-            hub_id=e.get('hf_hub_id') or '-', sha256=(e.get('sha256') or '-')[:12],
-            top1=metrics.get('top1', '-'), source=(e.get('source') or {}).get('url', '-')))
-    print(f'weights index: {hub.index_path()}')
+    rows = weights_rows()
+    if not args.upcycled:
+        rows = [r for r in rows if r['status'] != 'upcycled']
+    user = hub.user_index_path()
+    print(f'weights index: {hub.index_path()}; yours, over it: {user}' + ('' if user.exists() else ' (none yet)'))
     print(format_table(rows, markdown=args.markdown) if rows else '(no entries)')
+    if not args.upcycled:
+        print('(the upcycled tags, starts from timm\'s static checkpoints: `dynzoo weights --upcycled`)')
+    return 0
+
+
+def _cmd_weights_add(args) -> int:
+    from dynzoo.models import _hub as hub
+    from dynzoo.tools.publish import index_weights, update_index
+    entry = index_weights(args.name, args.source, license_=args.license, dataset=args.dataset,
+                          num_classes=args.num_classes, filename=args.filename)
+    update_index(hub.user_index_path(), entry)
+    print(f'added {args.name} (sha256 {entry["sha256"]}, {entry["size"]:,} bytes, license {entry["license"]}) '
+          f'to {hub.user_index_path()}: timm.create_model({args.name!r}, pretrained=True) loads it')
+    return 0
+
+
+def _cmd_weights_remove(args) -> int:
+    from dynzoo.models import _hub as hub
+    from dynzoo.tools.publish import remove_from_index, split_name
+    model, tag = split_name(args.name)
+    if not any(path == hub.user_index_path() and (e.get('model'), e.get('tag')) == (model, tag)
+               for path, e in hub.entries_in_force()):
+        listed = hub.find_entry(model, tag) is not None
+        raise KeyError(f'your weights index ({hub.user_index_path()}) lists no {args.name}'
+                       + (f'; it is in {hub.index_path()}, which `dynzoo weights remove` does not edit' if listed
+                          else ''))
+    remove_from_index(hub.user_index_path(), model, tag)
+    print(f'removed {args.name} from {hub.user_index_path()}')
     return 0
 
 
@@ -341,9 +408,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--output', default=None, help='also write the rows as JSON here')
     s.add_argument('--strict', action='store_true', help='exit 1 on any miss of a paper figure, rounded ones too')
     s.set_defaults(func=_cmd_report)
-    s = sub.add_parser('weights', help='list the weights index')
+    s = sub.add_parser('weights', help='list the pretrained weights (the weights index, yours over it, and the '
+                                       'upcycled tags); add or remove your own')
     s.add_argument('--markdown', action='store_true')
+    s.add_argument('--upcycled', action='store_true', help='also list the upcycled tags and their static source')
     s.set_defaults(func=_cmd_weights)
+    w = s.add_subparsers(dest='action')
+    a = w.add_parser('add', help='add your checkpoint as the pretrained tag MODEL.TAG (in your weights index)')
+    a.add_argument('name', help='MODEL.TAG, e.g. attnet_xxs.digits')
+    a.add_argument('source', help='a checkpoint file, or hf-hub:ORG/REPO[@REVISION]')
+    a.add_argument('--license', default='', help='licence of the weights (default: unknown)')
+    a.add_argument('--dataset', default='', help='dataset the weights were trained on (default: unknown)')
+    a.add_argument('--num-classes', type=int, default=None,
+                   help='class count of the checkpoint\'s classifier where no config.json beside it says it')
+    a.add_argument('--filename', default='model.safetensors', help='the file in an hf-hub: repository')
+    a.set_defaults(func=_cmd_weights_add)
+    r = w.add_parser('remove', help='remove MODEL.TAG from your weights index')
+    r.add_argument('name')
+    r.set_defaults(func=_cmd_weights_remove)
     for verb, (_, help_text) in TOOLS.items():
         sub.add_parser(verb, help=help_text, add_help=False)
     return p

@@ -218,13 +218,17 @@ def write_index(path: Path, entries: List[dict]) -> Path:
     return path
 
 
-def hub_env(tmp_path: Path, index: Path, endpoint: Optional[str] = None, offline: bool = False) -> Dict[str, str]:
-    """Environment for a user process: HF_HOME/HF_HUB_CACHE in ``tmp_path``, the temp index, the endpoint."""
+def hub_env(tmp_path: Path, index: Optional[Path] = None, endpoint: Optional[str] = None,
+            offline: bool = False) -> Dict[str, str]:
+    """Environment for a user process: HF_HOME/HF_HUB_CACHE and the user's cache (``XDG_CACHE_HOME``: dynzoo's
+    own index and hub pins) in ``tmp_path``, the temp index (the packaged one where ``None``), the endpoint."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith('HF_') and k not in ('DYNZOO_WEIGHTS_INDEX', 'TRANSFORMERS_OFFLINE')}
+           if not k.startswith('HF_') and k not in ('DYNZOO_WEIGHTS_INDEX', 'DYNZOO_CACHE', 'TRANSFORMERS_OFFLINE')}
     hf_home = Path(tmp_path) / 'hf_home'
+    if index is not None:
+        env['DYNZOO_WEIGHTS_INDEX'] = str(index)
     env.update(
-        HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / 'hub'), DYNZOO_WEIGHTS_INDEX=str(index),
+        HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / 'hub'), XDG_CACHE_HOME=str(Path(tmp_path) / 'xdg_cache'),
         HF_HUB_DISABLE_PROGRESS_BARS='1', HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_DISABLE_IMPLICIT_TOKEN='1',
         HF_HUB_ETAG_TIMEOUT='10', HF_HUB_DOWNLOAD_TIMEOUT='30',
         NO_PROXY='127.0.0.1,localhost', no_proxy='127.0.0.1,localhost',
@@ -263,16 +267,22 @@ print('RESULT ' + json.dumps(out))
 '''
 
 
-def run_user_loads(actions: List[tuple], env: Dict[str, str], timeout: float = 240.0) -> Dict[str, dict]:
-    """Run ``timm.create_model(name, pretrained=True, **kwargs)`` for each action in a fresh interpreter."""
+def run_user_script(script: str, payload, env: Dict[str, str], timeout: float = 240.0):
+    """Run ``script`` in a fresh interpreter with ``env`` and ``payload`` (JSON) as its argument; returns what it
+    printed as its ``RESULT <json>`` line."""
     proc = subprocess.run(
-        [sys.executable, '-c', _USER_SCRIPT, json.dumps(actions)], env=env, cwd=str(REPO_ROOT),
+        [sys.executable, '-c', script, json.dumps(payload)], env=env, cwd=str(REPO_ROOT),
         capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT ')]
     if proc.returncode != 0 or not lines:
         raise AssertionError(
             f'user process failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
     return json.loads(lines[-1][len('RESULT '):])
+
+
+def run_user_loads(actions: List[tuple], env: Dict[str, str], timeout: float = 240.0) -> Dict[str, dict]:
+    """Run ``timm.create_model(name, pretrained=True, **kwargs)`` for each action in a fresh interpreter."""
+    return run_user_script(_USER_SCRIPT, actions, env, timeout)
 
 
 def perturbed_state_dict(model_name: str, seed: int = 0, **kwargs) -> Dict[str, 'torch.Tensor']:

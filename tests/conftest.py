@@ -1,15 +1,21 @@
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, NamedTuple
 
 import pytest
 import torch
 
-import dynzoo  # noqa: F401  -- registers the models
-
-# tests never reach the network: hub tests serve their own files on 127.0.0.1 or from a local cache
+# tests never reach the network: hub tests serve their own files on 127.0.0.1 or from a local cache (each in a
+# process of its own, with its own environment: tests/_hub_server.py). huggingface_hub reads these at import time.
 os.environ.setdefault('HF_HUB_DISABLE_TELEMETRY', '1')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+# the suite never reads or writes the user's own dynzoo cache (user weights index, hub pins)
+os.environ['DYNZOO_CACHE'] = tempfile.mkdtemp(prefix='dynzoo-test-cache-')
+os.environ['HF_HUB_CACHE'] = tempfile.mkdtemp(prefix='dynzoo-test-hf-cache-')  # an empty hub cache
+
+import dynzoo  # noqa: F401  -- registers the models  # noqa: E402
 
 if os.environ.get('PYTEST_XDIST_WORKER'):
     # `make test` runs two xdist workers on the two cores: one thread each

@@ -329,7 +329,7 @@ def test_weights_index_lists_authors_releases():
         assert {m['name']: m['value'] for m in entry['metrics'] if m['measured_by'] == 'authors'}['top1'] == top1
         assert model in timm.list_models('odconv_*')
     with pytest.raises(dynzoo.PretrainedUnavailableError, match='drive.google.com'):
-        timm.create_model('odconv_resnet50', pretrained=True)
+        timm.create_model('odconv_resnet50.in1k', pretrained=True)
 
 
 def test_bad_config():
@@ -346,9 +346,14 @@ def test_bad_config():
 
 
 def test_tags():
-    """timm's convention: ``in1k`` where the authors released ImageNet weights, ``untrained`` where nothing exists."""
+    """timm's convention: ``in1k`` where the authors released ImageNet weights, ``untrained`` where nothing exists;
+    the default tag is the one upcycled from the static source's default tag where timm has weights for it."""
     from dynzoo.models.odconv import ODCONV_RELEASES
+    from dynzoo.models._builder import known_tags, upcycle_sources
     hosted = ('odconv', 'dyconv', 'condconv', 'fmdconv', 'a2d2c')
     for name in [n for n, info in dynzoo.models.MODEL_INFO.items() if info['family'] in hosted]:
-        tag = 'in1k' if name in ODCONV_RELEASES else 'untrained'
-        assert timm.models.get_pretrained_cfg(name).tag == tag, name
+        own = 'in1k' if name in ODCONV_RELEASES else 'untrained'
+        sources = upcycle_sources(name)
+        assert own in known_tags(name), name
+        default = sources[0].partition('.')[2] if sources else own
+        assert timm.models.get_pretrained_cfg(name).tag == default, name

@@ -171,5 +171,5 @@ def test_hubconf_has_every_model_and_loads_offline():
         assert callable(getattr(hubconf, name))
     model = torch.hub.load(str(ROOT), 'fmdconv_mobilenetv2_050', source='local', num_classes=5)
     assert model.num_classes == 5
-    with pytest.raises(dynzoo.PretrainedUnavailableError):
-        torch.hub.load(str(ROOT), 'fmdconv_mobilenetv2_050', source='local', pretrained=True)
+    with pytest.raises(dynzoo.PretrainedUnavailableError):  # a model without any weights
+        torch.hub.load(str(ROOT), 'attnet_xxs', source='local', pretrained=True)

@@ -15,7 +15,8 @@ from timm.models import FeatureInfo
 from timm.models._manipulate import group_parameters
 
 import dynzoo
-from dynzoo.models._hub import PretrainedUnavailableError, is_published
+from dynzoo.models._builder import upcycled_source
+from dynzoo.models._hub import CheckpointError, PretrainedUnavailableError, is_published
 from dynzoo.models import FAMILIES, MODEL_INFO
 
 MODELS = dynzoo.list_dynzoo_models()
@@ -58,8 +59,13 @@ def test_pretrained_cfg_is_complete(built):
     for n in first:
         assert n in modules, f'{name}: first_conv {n} is not a module'
     assert cfg['classifier'] in modules, f'{name}: classifier {cfg["classifier"]} is not a module'
-    # hf_hub_id is set exactly where the index says a checkpoint is published
-    assert bool(cfg.get('hf_hub_id')) == is_published(name, cfg['tag'])
+    # hf_hub_id is set exactly where the index says a checkpoint is published, or where the tag is upcycled from
+    # a static timm checkpoint (then it is the source's)
+    source = upcycled_source(name, cfg['tag'])
+    if source is not None:
+        assert cfg['hf_hub_id'] == timm.models.get_pretrained_cfg(source).hf_hub_id
+    else:
+        assert bool(cfg.get('hf_hub_id')) == is_published(name, cfg['tag'])
 
 
 def test_pretrained_without_checkpoint_fails_clearly(built):
@@ -67,8 +73,12 @@ def test_pretrained_without_checkpoint_fails_clearly(built):
     tag = model.pretrained_cfg['tag']
     if is_published(name, tag):
         pytest.fail(f'{name}.{tag} is published: this suite has no network access to check it')
-    with pytest.raises(PretrainedUnavailableError, match='pretrained_cfg_overlay'):
-        timm.create_model(name, pretrained=True)
+    if upcycled_source(name, tag) is not None:  # offline, with an empty hub cache: the source's file is named
+        with pytest.raises(CheckpointError, match=f'could not fetch {model.pretrained_cfg["hf_hub_id"]}'):
+            timm.create_model(name, pretrained=True)
+    else:
+        with pytest.raises(PretrainedUnavailableError, match='pretrained_cfg_overlay'):
+            timm.create_model(name, pretrained=True)
 
 
 def test_forward_intermediates_and_features(built):

@@ -17,12 +17,22 @@ import dynzoo
 from dynzoo.models import _hub as hub
 from dynzoo.tools.publish import ENTRY_NAME, validate_entry, validate_index
 from conftest import official_fixture
+from _hub_server import perturbed_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
 # the short digits run: AttNet-XXS, 32x32, 2 epochs of the 1,437 training images (the full recipe runs 6)
 DIGITS_ACCURACY_BAR = 80.0  # % top-1 on the 360 validation images; chance is 10%
 HUB_REPO = 'dynzoo/attnet_xxs.digits'
+
+
+@pytest.fixture(scope='module', autouse=True)
+def user_cache(tmp_path_factory):
+    """The user's cache (dynzoo's own index, written by convert and publish) of this module: a folder of its own."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp('xdg_cache')
+        mp.setenv('XDG_CACHE_HOME', str(path))
+        yield path
 
 
 @pytest.fixture(scope='module')
@@ -71,6 +81,12 @@ def test_published_folder_is_timm_format(published_folder, digits_run):
     card = (published_folder / 'README.md').read_text()
     paper = dynzoo.models.FAMILIES['attnet']['paper']
     assert paper and paper in card and f'{results["best"]["top1"]:.2f}' in card and entry['sha256'] in card
+    # trained weights without --license: "unknown", not the licence of the code or of an authors' release
+    assert entry['license'] == 'unknown' and 'license: unknown' in card
+    # the dry run pushed nothing and recorded the folder's file in the user's index: a real tag from now on
+    recorded = hub.find_entry('attnet_xxs', 'digits')
+    assert recorded['file'] == str((published_folder / 'model.safetensors').resolve()) and 'hf_hub_id' not in recorded
+    assert recorded['sha256'] == entry['sha256'] and recorded['pretrained_cfg']['num_classes'] == 10
 
 
 class _HubHandler(http.server.BaseHTTPRequestHandler):
@@ -152,22 +168,21 @@ loader = create_loader(val, input_size=cfg['input_size'], batch_size=batch, is_t
                        interpolation=cfg['interpolation'], mean=cfg['mean'], std=cfg['std'], crop_pct=cfg['crop_pct'],
                        crop_mode=cfg.get('crop_mode'), num_workers=0, use_prefetcher=False, device=torch.device('cpu'))
 result = {'eval': evaluate(model, loader, torch.device('cpu')), 'cfg': model.pretrained_cfg['tag']}
-# the weights index is the gate: without the entry, the same call refuses (config.json is cached by now)
+# without the index's entry, hf-hub: still loads the repository named, checked against the hub's sha256 (pinned)
 import os
-from dynzoo.models._hub import PretrainedUnavailableError
+from dynzoo.models import _hub as hub
 os.environ['DYNZOO_WEIGHTS_INDEX'] = sys.argv[5]
-try:
-    timm.create_model(name, pretrained=True, num_classes=10)
-    result['gated'] = False
-except PretrainedUnavailableError:
-    result['gated'] = True
+again = timm.create_model(name, pretrained=True, num_classes=10)
+result['same_without_index'] = all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+result['pins'] = json.loads(hub.pins_path().read_text())
 print('RESULT ' + json.dumps(result))
 '''
 
 
 def test_round_trip_through_local_hub(published_folder, digits_run, local_hub, tmp_path):
     """fine-tune -> publish -> hub on 127.0.0.1 -> timm.create_model(pretrained=True) in a fresh process, through a
-    temporary weights index: the same validation accuracy (and loss) as measured after training."""
+    temporary weights index: the same validation accuracy (and loss) as measured after training; without the
+    index's entry, ``hf-hub:`` loads the same repository, checked against the hub's sha256 and pinned."""
     _, results = digits_run
     endpoint, handler = local_hub
     handler.repos[HUB_REPO] = published_folder
@@ -180,7 +195,7 @@ def test_round_trip_through_local_hub(published_folder, digits_run, local_hub, t
     empty_index.write_text(json.dumps({'schema': hub.INDEX_SCHEMA, 'entries': []}))
     env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / 'hf'), HF_HUB_DISABLE_XET='1',
                HF_HUB_DISABLE_TELEMETRY='1', DYNZOO_WEIGHTS_INDEX=str(index_path), OMP_NUM_THREADS='1',
-               PYTHONPATH=str(REPO))
+               PYTHONPATH=str(REPO), XDG_CACHE_HOME=str(tmp_path / 'xdg_cache'))
     env.pop('HF_HUB_OFFLINE', None)
     batch = 32
     proc = subprocess.run(
@@ -189,7 +204,8 @@ def test_round_trip_through_local_hub(published_folder, digits_run, local_hub, t
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith('RESULT '))
     loaded = json.loads(line[len('RESULT '):])
-    assert loaded['cfg'] == 'digits' and loaded['gated'] is True
+    assert loaded['cfg'] == 'digits' and loaded['same_without_index'] is True
+    assert loaded['pins'][f'{HUB_REPO}/model.safetensors@main']['sha256'] == entry['sha256']
     fetched = {p.rsplit('/', 1)[-1] for method, p in handler.requests if method == 'GET'}
     assert {'config.json', 'model.safetensors'} <= fetched, handler.requests
     assert loaded['eval']['samples'] == results['best']['samples'] == 360
@@ -298,3 +314,91 @@ def test_convert_refuses_wrong_architecture(tmp_path):
         main(['--model', 'fmdconv_resnet34', '--checkpoint', str(ckpt), '--out', str(out),
                   '--source-repo', 'tianyu00824/FMDConv', '--quiet'])
     assert not (out / 'model.safetensors').exists()
+
+
+def _fmd_authors_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A container as the FMDConv authors' main.py writes it, for the smallest FMDConv model."""
+    sd = {k: v for k, v in perturbed_state_dict('fmdconv_mobilenetv2_050', seed=seed).items()
+          if not k.endswith('temperature')}  # their code has none
+    torch.save({'epoch': 1, 'state_dict': {'module.' + k: v for k, v in sd.items()}}, path)
+    return path
+
+
+def test_convert_is_reproducible_and_honest(tmp_path):
+    """The same authors' file converted twice gives the same bytes (every file, so the same sha256) and the same
+    file modes; FMDConv's authors publish no licence, so the weights say "unknown" (not dynzoo's apache-2.0)
+    unless --license says otherwise."""
+    from dynzoo.tools.convert import main
+    ckpt = _fmd_authors_checkpoint(tmp_path / 'fmd.pth')
+    base = ['--model', 'fmdconv_mobilenetv2_050', '--checkpoint', str(ckpt), '--source-repo', 'tianyu00824/FMDConv',
+            '--quiet', '--no-verify', '--no-user-index']
+    outs = [tmp_path / 'a', tmp_path / 'b', tmp_path / 'c']
+    for out in outs[:2]:
+        assert main(base + ['--out', str(out)]) == 0
+    assert main(base + ['--out', str(outs[2]), '--license', 'cc-by-4.0']) == 0
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert names == ['README.md', 'config.json', ENTRY_NAME, 'model.safetensors']
+    for name in names:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    assert len({(out / name).stat().st_mode for out in outs for name in names}) == 1
+    entries = [json.loads((out / ENTRY_NAME).read_text()) for out in outs]
+    assert entries[0]['license'] == 'unknown' and entries[2]['license'] == 'cc-by-4.0'
+    assert json.loads((outs[0] / 'config.json').read_text())['pretrained_cfg']['license'] == 'unknown'
+    assert 'license: unknown' in (outs[0] / 'README.md').read_text()
+    assert hub.find_entry('fmdconv_mobilenetv2_050', 'in1k') is None  # --no-user-index
+
+
+def test_converted_release_becomes_the_pretrained_weights(user_cache, tmp_path):
+    """An authors' release listed as not mirrored (ODConv MobileNetV2-0.5 1x), converted once with `dynzoo
+    convert`: its tag is recorded in the user's index with the release's licence, and in a new process
+    ``pretrained=True`` on the name loads it (the default tag now), sha256-checked."""
+    from dynzoo.tools.convert import main
+    from _hub_server import hub_env, run_user_script
+    name = 'odconv_mobilenetv2_050_1x'
+    release = hub.find_entry(name, 'in1k')
+    assert release['status'] == 'not_mirrored'
+    sd = perturbed_state_dict(name, seed=3)
+    ckpt = tmp_path / 'od.pth'
+    torch.save({'state_dict': {k: v for k, v in sd.items() if not k.endswith('temperature')}}, ckpt)
+    out = tmp_path / 'converted'
+    assert main(['--model', name, '--checkpoint', str(ckpt), '--out', str(out), '--source-repo', 'OSVAI/ODConv',
+                 '--quiet']) == 0
+    entry = hub.find_entry(name, 'in1k')
+    assert entry['status'] == 'published' and entry['file'] == str((out / 'model.safetensors').resolve())
+    assert entry['license'] == release['license']
+    env = dict(hub_env(tmp_path, offline=True), XDG_CACHE_HOME=str(user_cache))
+    script = r'''
+import json, sys, torch, timm, dynzoo
+from safetensors.torch import load_file
+name, reference = json.loads(sys.argv[1])
+model, ref = timm.create_model(name, pretrained=True), load_file(reference)
+print('RESULT ' + json.dumps(dict(tag=model.pretrained_cfg['tag'],
+      equal=all(torch.equal(model.state_dict()[k], v) for k, v in ref.items()))))
+'''
+    res = run_user_script(script, [name, str(out / 'model.safetensors')], env)
+    assert res == {'tag': 'in1k', 'equal': True}
+
+
+def test_publish_records_in_the_user_index(user_cache, tmp_path, monkeypatch):
+    """`dynzoo publish --dry-run` records the folder's local file in the user's index (the tag loads from it);
+    a push records the repository and its commit instead."""
+    import huggingface_hub
+    from dynzoo.tools.convert import convert_checkpoint
+    from dynzoo.tools.publish import main
+    folder = tmp_path / 'fmd'
+    convert_checkpoint('fmdconv_mobilenetv2_050', _fmd_authors_checkpoint(tmp_path / 'fmd.pth', seed=4), folder,
+                       tag='authors', source={'repo': 'tianyu00824/FMDConv'}, verify=False, quiet=True)
+    assert hub.find_entry('fmdconv_mobilenetv2_050', 'authors') is None  # the API writes no index unless asked
+    assert main(['--folder', str(folder), '--dry-run']) == 0
+    local = hub.find_entry('fmdconv_mobilenetv2_050', 'authors')
+    assert local['file'] == str((folder / 'model.safetensors').resolve()) and 'hf_hub_id' not in local
+    assert local['sha256'] == hub.sha256_file(folder / 'model.safetensors') and local['license'] == 'unknown'
+    model = timm.create_model('fmdconv_mobilenetv2_050', pretrained=True,
+                              pretrained_cfg=dict(architecture='fmdconv_mobilenetv2_050', tag='authors',
+                                                  file=local['file']))
+    assert model.pretrained_cfg['tag'] == 'authors'
+    monkeypatch.setattr(huggingface_hub, 'HfApi', _FakeHfApi)
+    assert main(['--folder', str(folder), '--endpoint', 'http://hub.test']) == 0
+    pushed = hub.find_entry('fmdconv_mobilenetv2_050', 'authors')
+    assert pushed['revision'] == 'a' * 40 and pushed['hf_hub_id'] == 'dynzoo/fmdconv_mobilenetv2_050.authors'
+    assert 'file' not in pushed

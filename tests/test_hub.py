@@ -2,7 +2,9 @@
 
 Checkpoints are made by the tests themselves (a perturbed state dict saved as safetensors) and listed in a temporary
 weights index (``$DYNZOO_WEIGHTS_INDEX``) as ``"published"`` with their real sha256 and size, under the tag of a
-model the authors released weights for (``odconv_mobilenetv2_*_1x``: a model tagged ``.untrained`` has none). ``timm.create_model(name, pretrained=True)`` then loads them
+model the authors released weights for (``odconv_mobilenetv2_*_1x.in1k``: a model tagged ``.untrained`` has none);
+listed as published, that tag becomes the model's default. ``timm.create_model(name, pretrained=True)`` then loads
+them
 
 * from a Hugging Face cache laid out on disk, with ``HF_HUB_OFFLINE=1``;
 * from a hub served on 127.0.0.1 through ``HF_ENDPOINT`` (:class:`_hub_server.LocalHub`, bounded, stopped by the
@@ -34,7 +36,13 @@ torch.set_num_threads(1)  # 2 shared CPU cores: oversubscribed OpenMP threads on
 
 SMALL = 'fmdconv_mobilenetv2_050'  # local files and the FMDConv authors' containers
 HUB, HUB2 = 'odconv_mobilenetv2_050_1x', 'odconv_mobilenetv2_075_1x'  # the hub path: released, tagged
-TAG, TAG2 = known_tags(HUB)[0], known_tags(HUB2)[0]
+TAG = TAG2 = 'in1k'  # the authors' release (not mirrored in the shipped index)
+
+
+@pytest.fixture(autouse=True)
+def _own_user_cache(tmp_path, monkeypatch):
+    """The user's index and pins of this process live in the test's folder, never in ~/.cache."""
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg_cache'))
 
 
 @pytest.fixture(scope='module')
@@ -165,27 +173,32 @@ def test_pretrained_unavailable_fails_at_once(tmp_path, monkeypatch):
         dict(model=HUB, tag=TAG, status='not_mirrored', source=dict(url=url), top1=70.23)])
     monkeypatch.setenv(hub.INDEX_ENV, str(index))
     with pytest.raises(dynzoo.PretrainedUnavailableError) as ei:
-        timm.create_model(HUB, pretrained=True, device='meta')
+        timm.create_model(f'{HUB}.{TAG}', pretrained=True, device='meta')
     msg = str(ei.value)
     assert f"No published dynzoo checkpoint exists for '{HUB}.{TAG}'" in msg
     assert f'{HUB}.{TAG}: not_mirrored' in msg and url in msg  # what exists
+    start = known_tags(HUB)[0]  # the upcycled start, the model's default
+    assert f'{HUB}.{start}: upcycled on load from the static timm checkpoint mobilenetv2_050.{start}' in msg
     assert 'pretrained_cfg_overlay=dict(file=' in msg and 'pretrained=False' in msg  # how to load a local file
 
-    # nothing at all in the index for the model
+    # nothing at all in the index for a model without a static source
     monkeypatch.setenv(hub.INDEX_ENV, str(write_index(tmp_path / 'empty.json', [])))
     with pytest.raises(dynzoo.PretrainedUnavailableError, match='lists no checkpoint at all'):
-        timm.create_model('fmdconv_resnet18', pretrained=True, device='meta')
+        timm.create_model('attnet_xxs', pretrained=True, device='meta')
 
 
 def test_shipped_index_is_truthful():
-    """Every model of the shipped index without a published entry refuses pretrained=True; the timm cfg carries an
-    hf_hub_id only where the index says published."""
+    """A timm cfg carries weights (an hf_hub_id) only where the index says published or where the tag is an
+    upcycled start, whose hf_hub_id is its static source's."""
+    from dynzoo.models._builder import upcycled_source
     index = hub.load_index()
     published = {(e['model'], e.get('tag') or '') for e in index['entries'] if e.get('status') == 'published'}
     for name in dynzoo.list_dynzoo_models():
-        cfg = timm.get_pretrained_cfg(name)
-        has_id = bool(cfg.hf_hub_id)
-        assert has_id == ((name, cfg.tag or '') in published), name
+        for name_tag, cfg in timm.models.get_arch_pretrained_cfgs(name).items():
+            source = upcycled_source(name, cfg.tag)
+            assert bool(cfg.has_weights) == ((name, cfg.tag or '') in published or source is not None), name_tag
+            if source is not None:
+                assert cfg.hf_hub_id == timm.get_pretrained_cfg(source).hf_hub_id, name_tag
     for e in index['entries']:
         if e.get('status') == 'published':
             assert len(e['sha256']) == 64 and int(e['size']) > 0, e

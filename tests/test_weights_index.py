@@ -37,6 +37,13 @@ GOOD_NOT_MIRRORED = {
     'metrics': [],
     'license': 'mit',
 }
+GOOD_LOCAL = {  # the user's index: `dynzoo weights add attnet_xxs.digits FILE`
+    'model': 'attnet_xxs', 'tag': 'digits', 'status': 'published', 'file': '/data/attnet_xxs_digits.safetensors',
+    'sha256': 'ef' * 32, 'size': 10_000,
+    'source': {'type': 'added', 'from': '/data/attnet_xxs_digits.safetensors', 'dynzoo_version': dynzoo.__version__},
+    'dataset': {'name': 'sklearn/digits'}, 'metrics': [], 'license': 'unknown',
+    'pretrained_cfg': {'num_classes': 10, 'input_size': [3, 32, 32]},
+}
 GOOD_TRAINED = {
     'model': 'attnet_xxs', 'tag': 'digits', 'status': 'published',
     'hf_hub_id': 'dynzoo/attnet_xxs.digits', 'filename': 'model.safetensors', 'sha256': 'cd' * 32, 'size': 10_000,
@@ -75,10 +82,11 @@ def test_shipped_not_mirrored_entries_refuse_pretrained():
     for entry in _shipped_index()['entries']:
         if entry['status'] == 'not_mirrored':
             with pytest.raises(hub.PretrainedUnavailableError, match=re.escape(entry['source']['url'])):
-                timm.create_model(entry['model'], pretrained=True, device='meta')
+                timm.create_model(f'{entry["model"]}.{entry["tag"]}', pretrained=True, device='meta')
 
 
-@pytest.mark.parametrize('entry', [GOOD_PUBLISHED, GOOD_NOT_MIRRORED, GOOD_TRAINED], ids=lambda e: e['status'])
+@pytest.mark.parametrize('entry', [GOOD_PUBLISHED, GOOD_NOT_MIRRORED, GOOD_TRAINED, GOOD_LOCAL],
+                         ids=['published', 'not_mirrored', 'trained', 'local'])
 def test_validator_accepts_schema_examples(entry):
     validate_entry(entry)
 
@@ -107,7 +115,7 @@ BAD = [
     (GOOD_PUBLISHED, ('model',), 'no_such_model_xyz', 'not a registered'),
     (GOOD_PUBLISHED, ('license',), '', 'license'),
     (GOOD_PUBLISHED, ('dataset',), KeyError, 'dataset'),
-    (GOOD_PUBLISHED, ('source', 'type'), 'authors_release', 'dynzoo file'),
+    (GOOD_PUBLISHED, ('source', 'type'), 'authors_release', 'file of ours'),
     (GOOD_PUBLISHED, ('source', 'url'), 'http://insecure.example', 'https'),
     (GOOD_PUBLISHED, ('metrics', 0, 'protocol'), '', 'protocol'),
     (GOOD_PUBLISHED, ('metrics', 0, 'value'), '73.2', 'value'),
@@ -116,6 +124,10 @@ BAD = [
     (GOOD_NOT_MIRRORED, ('metrics',), [{'name': 'top1', 'value': 1.0, 'protocol': 'p', 'measured_by': 'dynzoo'}],
      'measured by dynzoo'),
     (GOOD_TRAINED, ('source', 'recipe'), KeyError, 'recipe'),
+    (GOOD_LOCAL, ('file',), 'relative/path.safetensors', 'absolute path'),
+    (GOOD_LOCAL, ('hf_hub_id',), 'dynzoo/attnet_xxs.digits', 'not both'),
+    (GOOD_LOCAL, ('source', 'from'), KeyError, 'source.from'),
+    (GOOD_LOCAL, ('pretrained_cfg',), {'num_classes': 10, 'hf_hub_id': 'x/y'}, 'pretrained_cfg'),
 ]
 
 
@@ -152,7 +164,8 @@ def test_docs_describe_every_schema_field():
     text = DOCS.read_text()
     fields = ['model', 'tag', 'status', 'hf_hub_id', 'filename', 'revision', 'sha256', 'size', 'source', 'dataset',
               'metrics', 'license', 'published', 'not_mirrored', 'trained', 'converted', 'authors_release',
-              'recipe', 'protocol', 'measured_by', 'url', 'repo', 'commit']
+              'recipe', 'protocol', 'measured_by', 'url', 'repo', 'commit', 'file', 'added', 'from',
+              'pretrained_cfg', 'DYNZOO_WEIGHTS_INDEX', 'XDG_CACHE_HOME', 'hub_pins.json']
     missing = [f for f in fields if f'`{f}`' not in text]
     assert not missing, f'docs/weights.md does not document {missing}'
 
@@ -186,12 +199,33 @@ def test_unreadable_index(tmp_path, monkeypatch, make, match):
 
 
 def test_untrained_exactly_where_no_weights_exist():
-    """timm's convention: a model is tagged ``.untrained`` (and nothing else) exactly when the shipped index lists
-    no checkpoint of it."""
+    """timm's convention: a model is tagged ``.untrained`` and nothing else exactly when no weights exist for it:
+    the shipped index lists no checkpoint of it and it has no static source to be upcycled from."""
+    from dynzoo.models._builder import upcycle_sources
     listed = {e['model'] for e in _shipped_index()['entries']}
     wrong = {name: known_tags(name) for name in dynzoo.list_dynzoo_models()
-             if (known_tags(name) == [hub.UNTRAINED_TAG]) == (name in listed)}
-    assert not wrong, f'tags do not follow the index (.untrained iff no entry): {wrong}'
+             if (known_tags(name) == [hub.UNTRAINED_TAG]) == (name in listed or bool(upcycle_sources(name)))}
+    assert not wrong, f'tags do not follow the weights (.untrained alone iff none): {wrong}'
+
+
+def test_user_index_is_layered_over_the_base(tmp_path, monkeypatch):
+    """``$DYNZOO_WEIGHTS_INDEX`` replaces the packaged index; the user's index (``$XDG_CACHE_HOME/dynzoo/
+    weights_index.json``) is layered over either, its entry winning for the same model.tag."""
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    assert hub.user_index_path() == tmp_path / 'cache' / 'dynzoo' / 'weights_index.json'
+    assert [p for p, _ in hub.index_layers()] == [hub.index_path()]  # no user index yet
+    assert hub.find_entry('attnet_t1', 'in1k')['status'] == 'not_mirrored'  # the packaged index
+    mine = dict(GOOD_LOCAL, model='attnet_t1', tag='in1k')
+    update_index(hub.user_index_path(), mine)
+    update_index(hub.user_index_path(), GOOD_LOCAL)
+    assert hub.find_entry('attnet_t1', 'in1k') == mine and hub.find_entry('attnet_xxs', 'digits') == GOOD_LOCAL
+    assert hub.find_entry('attnet_t2', 'in1k')['status'] == 'not_mirrored'  # the rest of the base stays
+    base = tmp_path / 'base.json'
+    base.write_text(json.dumps({'schema': hub.INDEX_SCHEMA, 'entries': [GOOD_PUBLISHED]}))
+    monkeypatch.setenv(hub.INDEX_ENV, str(base))
+    assert hub.find_entry('attnet_t2', 'in1k') is None  # replaced, not layered
+    assert hub.find_entry('fmdconv_resnet18', 'in1k') == GOOD_PUBLISHED and hub.find_entry('attnet_t1', 'in1k') == mine
+    assert [p for p, _ in hub.index_layers()] == [base, hub.user_index_path()]
 
 
 def test_untrained_tag_refuses_pretrained(tmp_path, monkeypatch):

@@ -8,31 +8,38 @@ anything. A checkpoint that carries its own pretrained cfg (:func:`dynzoo.models
 ``config.json`` of a published folder, the ``args`` of a training run) brings its class count and preprocessing
 with it. timm's two adaptations stay, explicit and logged: a classifier of another class count is dropped when
 ``num_classes=`` asks for another count (else refused, naming the ``num_classes`` that fits), and a first conv is
-converted to another ``in_chans``. ``use_ema=True`` loads the EMA weights of a training container. Models
-released without weights carry timm's ``.untrained`` tag: ``pretrained=True`` there raises
-:class:`~dynzoo.models._hub.PretrainedUnavailableError` naming what exists.
+converted to another ``in_chans``. ``use_ema=True`` loads the EMA weights of a training container. A model
+hosted on a static timm network has upcycled tags (:func:`upcycled_cfg`): its static source's hub file,
+sha256-pinned (:func:`dynzoo.models._hub.download_pinned`), upcycled on load
+(:func:`dynzoo.models._upcycle.upcycle_state_dict`). Models without any weights carry timm's ``.untrained`` tag
+only: ``pretrained=True`` there raises :class:`~dynzoo.models._hub.PretrainedUnavailableError` naming what
+exists.
 """
 import logging
+from functools import lru_cache
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs
+from timm.models import (
+    adapt_input_conv, build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, get_pretrained_cfg,
+    is_model,
+    list_pretrained,
+)
 
 from dynzoo.layers.temperature import TemperatureMixin, attach_temperature_schedule
 from . import _hub as hub
 
 __all__ = ['dynzoo_cfg', 'generate_dynzoo_cfgs', 'build_dynzoo_model', 'register_family', 'FAMILIES',
-           'MODEL_INFO', 'register_model_info', 'HUB_ORG', 'known_tags']
+           'MODEL_INFO', 'register_model_info', 'known_tags', 'upcycled_cfg', 'upcycle_sources',
+           'upcycled_source']
 
 _logger = logging.getLogger(__name__)
 
 # the step count of a model's own temperature schedule (dynzoo.layers.temperature.TemperatureAnnealing)
 ANNEALING_STEPS_KEY = 'temperature_annealing.num_steps'
-
-HUB_ORG = 'dynzoo'
 
 # family name -> {'paper': ..., 'paper_ids': ..., 'module': ...}
 FAMILIES: Dict[str, Dict[str, Any]] = {}
@@ -60,16 +67,78 @@ def dynzoo_cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
+# the fields of a static timm cfg an upcycled tag takes: the preprocessing, classes and labels, licence and file
+_SOURCE_FIELDS = hub.CARRIED_FIELDS + ('license', 'origin_url', 'hf_hub_id', 'hf_hub_filename')
+
+
+def upcycled_cfg(model: str, cfg: Dict[str, Any], source_tag: str) -> Dict[str, Any]:
+    """The pretrained cfg of ``model`` upcycled from timm's static ``source_tag`` (``'resnet50.a1_in1k'``): the
+    source's preprocessing, class count, licence and ``hf_hub_id`` (whose ``model.safetensors`` is downloaded and
+    upcycled on load, :func:`dynzoo.models._upcycle.upcycle_state_dict`), over ``model``'s own cfg."""
+    source = get_pretrained_cfg(source_tag).to_dict()
+    out = dict(cfg, **{k: source[k] for k in _SOURCE_FIELDS if source.get(k) is not None})
+    out['license'] = source.get('license') or 'unknown'
+    out['description'] = f'upcycled on load from the static timm checkpoint {source_tag} ({source["hf_hub_id"]})'
+    out['notes'] = (f'start: {source_tag}, whose outputs the upcycled model reproduces at step 0; the source\'s '
+                    'top-1 is not available offline (the timm package ships no results tables)',)
+    return out
+
+
+@lru_cache(maxsize=None)
+def upcycle_sources(model: str) -> Tuple[str, ...]:
+    """timm's pretrained tags of the static host ``model`` is upcycled from (its default tag first), those with a
+    classifier; none where the model has no static source."""
+    from ._upcycle import static_source
+    source = static_source(model)
+    if source is None or not is_model(source):
+        return ()
+    default = get_pretrained_cfg(source).tag
+    tags = [t for t in list_pretrained(f'{source}.*') if get_pretrained_cfg(t).num_classes]
+    return tuple(sorted(tags, key=lambda t: t.partition('.')[2] != default))
+
+
+def upcycled_source(model: str, tag: Optional[str]) -> Optional[str]:
+    """The static timm tag that ``model.tag`` is upcycled from, or ``None`` where the tag is not an upcycled one
+    (an index entry of the same name wins over upcycling)."""
+    if not tag or hub.is_published(model, tag):
+        return None
+    return next((t for t in upcycle_sources(model) if t.partition('.')[2] == tag), None)
+
+
+def _indexed_cfg(cfg: Dict[str, Any], entry: Dict[str, Any]) -> Dict[str, Any]:
+    """``cfg`` pointing to a published index entry: its hub repository or (user's index) local file, its
+    licence and the cfg fields it records."""
+    carried = {k: tuple(v) if isinstance(v, list) else v for k, v in (entry.get('pretrained_cfg') or {}).items()
+               if k in hub.CARRIED_FIELDS}
+    where = entry.get('file') or entry.get('hf_hub_id')
+    return dict(cfg, **carried, hf_hub_id=entry.get('hf_hub_id'), file=entry.get('file'),
+                license=entry.get('license'), description=f'{(entry.get("source") or {}).get("type")} weights '
+                f'of the weights index ({where}, sha256 {entry.get("sha256")})')
+
+
 def generate_dynzoo_cfgs(cfgs: Dict[str, Dict[str, Any]]):
-    """timm's ``generate_default_cfgs``, with ``hf_hub_id = dynzoo/<model>.<tag>`` set where the weights index
-    lists a published checkpoint -- and only there, so ``timm.list_models(pretrained=True)`` stays truthful."""
-    out = {}
+    """timm's ``generate_default_cfgs`` over the family's declared tags, with weights exactly where they exist.
+
+    A tag the weights index publishes (the packaged one, or the user's) gets its ``hf_hub_id`` or local ``file``
+    and becomes the default; a model hosted on a static timm network gets one upcycled tag per timm pretrained tag
+    of its source (:func:`upcycled_cfg`; the source's default tag is the model's default where no index entry
+    is). The declared tags stay, without weights where none exist (timm's ``.untrained``: the architecture's own
+    preprocessing), so ``timm.list_models(pretrained=True)`` stays truthful.
+    """
+    declared: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for name_tag, cfg in cfgs.items():
         model, _, tag = name_tag.partition('.')
-        cfg = dict(cfg)
-        if hub.is_published(model, tag):
-            cfg['hf_hub_id'] = f'{HUB_ORG}/{model}.{tag}' if tag else f'{HUB_ORG}/{model}'
-        out[name_tag] = cfg
+        declared.setdefault(model, {})[tag] = dict(cfg)
+    out = {}
+    for model, tags in declared.items():
+        base = next(iter(tags.values()))
+        for e in hub.entries_for(model):
+            if hub.is_published(model, e.get('tag')):
+                out[hub.entry_name(e)] = _indexed_cfg(tags.get(e['tag'], base), e)
+        for tag, cfg in tags.items():
+            out.setdefault(f'{model}.{tag}' if tag else model, cfg)
+        for source_tag in upcycle_sources(model):
+            out.setdefault(f'{model}.{source_tag.partition(".")[2]}', upcycled_cfg(model, base, source_tag))
     return generate_default_cfgs(out)
 
 
@@ -152,12 +221,15 @@ def _strict_filter(
         variant: str,
         in_chans: int,
         head_asked: Optional[str],
+        upcycle: bool = False,
 ) -> Callable:
     """Run the family filter, make timm's two adaptations explicit, then refuse anything that does not fit the
-    model (:func:`dynzoo.models._hub.check_state_dict`), before ``load_state_dict`` runs."""
+    model (:func:`dynzoo.models._hub.check_state_dict`), before ``load_state_dict`` runs. ``upcycle``: the
+    checkpoint is the static timm network's, upcycled into the model (a classifier of another class count
+    dropped first, so the fresh head stays)."""
 
     def _filter(state_dict, model: nn.Module):
-        if family_filter is not None:
+        if family_filter is not None and not upcycle:
             state_dict = family_filter(state_dict, model)
         else:
             state_dict = hub.strip_prefix(hub.unwrap_checkpoint(state_dict), 'module.')
@@ -169,6 +241,19 @@ def _strict_filter(
         expected = model.state_dict()
         dropped = _drop_classifier(state_dict, expected, pretrained_cfg, model, variant, head_asked)
         adapted = _adapted_stem(state_dict, expected, pretrained_cfg, in_chans, variant)
+        if upcycle:  # a dropped classifier keeps the model's fresh init
+            from ._upcycle import upcycle_state_dict
+            # the static stem is copied as is: upcycle with it at the model's in_chans, then hand timm the
+            # checkpoint's own stem back, which timm's load_pretrained adapts (adapt_input_conv) after this filter
+            stems = {k: state_dict[k] for k in adapted}
+            trained_chans = (pretrained_cfg.get('input_size') or (3,))[0]
+            source = dict(state_dict, **{k: expected[k] for k in dropped})
+            source.update({k: adapt_input_conv(in_chans, w, trained_chans) for k, w in stems.items()})
+            try:
+                state_dict = upcycle_state_dict(model, source)
+            except ValueError as e:
+                raise hub.CheckpointError(f'{variant}: {e}') from e
+            state_dict.update(stems)
         hub.check_state_dict(state_dict, expected, variant, may_be_missing=dropped, adapted=adapted)
         return state_dict
 
@@ -212,7 +297,16 @@ def build_dynzoo_model(
         from timm.models import resolve_pretrained_cfg
         resolved = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
         resolved = resolved.to_dict()
-        checkpoint = hub.load_checkpoint(resolved)
+        # an upcycled tag (no file or state dict given in its place): the static source's hub file, pinned
+        source_tag = None if resolved.get('file') or resolved.get('state_dict') is not None or \
+            resolved.get('source') == 'hf-hub' else upcycled_source(variant, resolved.get('tag'))
+        if source_tag is not None:
+            repo, _, revision = resolved['hf_hub_id'].partition('@')
+            checkpoint = hub.load_checkpoint_file(hub.download_pinned(
+                repo, resolved.get('hf_hub_filename') or hub.WEIGHTS_NAME, revision or None,
+                f'{variant}.{resolved["tag"]}'))
+        else:
+            checkpoint = hub.load_checkpoint(resolved)
         carried = {k: v for k, v in hub.checkpoint_cfg(
             checkpoint, resolved.get('file'), variant, resolved.get('input_size') or (3, 224, 224)).items()
             if k not in (overlay or {}) and v != resolved.get(k)}
@@ -230,7 +324,8 @@ def build_dynzoo_model(
         # another head on purpose: the caller's own num_classes (timm passes only those given), or no head at all
         head_asked = (f'num_classes={kwargs["num_classes"]}' if kwargs.get('num_classes') is not None
                       else 'features_only=True' if kwargs.get('features_only') else None)
-        filter_fn = _strict_filter(pretrained_filter_fn, resolved, variant, in_chans, head_asked)
+        filter_fn = _strict_filter(pretrained_filter_fn, resolved, variant, in_chans, head_asked,
+                                   upcycle=source_tag is not None)
     model = build_model_with_cfg(
         model_cls, variant, pretrained,
         pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay,

@@ -1,10 +1,13 @@
 """Checkpoints: the weights index, hub downloads checked by sha256, local files, authors' containers.
 
-``weights_index.json`` (shipped inside the package; ``$DYNZOO_WEIGHTS_INDEX`` points elsewhere) lists every
-checkpoint that exists and nothing else. Each entry has ``model``, ``tag`` and ``status``:
+``weights_index.json`` (shipped inside the package; ``$DYNZOO_WEIGHTS_INDEX`` names another one in its place)
+lists every checkpoint that exists and nothing else; the user's own index, ``$XDG_CACHE_HOME/dynzoo/
+weights_index.json`` (:func:`user_index_path`; written by ``dynzoo weights add``, ``dynzoo convert`` and
+``dynzoo publish``), is layered over it, its entries winning per ``(model, tag)``. Each entry has ``model``,
+``tag`` and ``status``:
 
-* ``"published"`` -- a dynzoo ``model.safetensors`` on the Hugging Face hub (``hf_hub_id``, ``filename``,
-  ``sha256``, ``size``), loadable with ``pretrained=True``;
+* ``"published"`` -- a ``model.safetensors`` on the Hugging Face hub (``hf_hub_id``, ``filename``, ``sha256``,
+  ``size``) or, in the user's index only, a local ``file``: loadable with ``pretrained=True``, sha256-checked;
 * ``"not_mirrored"`` -- an authors' release that exists upstream (``source.url``) but has no safetensors copy on
   the hub yet: ``pretrained=True`` refuses and says how to load the downloaded file instead.
 
@@ -22,6 +25,11 @@ builder applies instead of the tag's ImageNet defaults. :func:`check_state_dict`
 loaded, a state dict whose keys, shapes or dtypes do not fit the model, that holds NaN/Inf, or whose temperatures
 are not finite and positive. Every failure raises :class:`CheckpointError` (or its
 subclass :class:`PretrainedUnavailableError`) naming the model, the file or key and what to do.
+
+A hub file that no index lists (the static timm checkpoint an upcycled tag starts from, a repository named with
+timm's ``hf-hub:`` prefix) is checked by :func:`download_pinned` against the sha256 the hub announced for it (an
+LFS file's ``X-Linked-Etag``, which names its blob in the Hugging Face cache), and that digest is pinned on first
+download in ``$XDG_CACHE_HOME/dynzoo/hub_pins.json``: every later load, offline too, must match it.
 """
 import argparse
 import hashlib
@@ -34,7 +42,7 @@ import stat
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -43,7 +51,9 @@ __all__ = [
     'CheckpointError', 'PretrainedUnavailableError', 'index_path', 'load_index', 'find_entry', 'entries_for',
     'is_published', 'sha256_file', 'checkpoint_format', 'load_checkpoint_file', 'load_checkpoint',
     'unwrap_checkpoint', 'strip_prefix', 'checkpoint_cfg', 'check_state_dict', 'INDEX_ENV', 'UNTRAINED_TAG',
-    'weights_path', 'SAFE_GLOBALS', 'CARRIED_FIELDS', 'CONFIG_NAME', 'WEIGHTS_NAME',
+    'weights_path', 'SAFE_GLOBALS', 'CARRIED_FIELDS', 'CONFIG_NAME', 'WEIGHTS_NAME', 'cache_dir',
+    'user_index_path', 'pins_path', 'index_layers', 'entries_in_force', 'write_json', 'download_pinned',
+    'entry_name',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -52,6 +62,8 @@ INDEX_ENV = 'DYNZOO_WEIGHTS_INDEX'
 INDEX_SCHEMA = 'dynzoo-weights-index/1'
 UNTRAINED_TAG = 'untrained'  # timm's tag for an architecture without weights
 _PACKAGE_INDEX = Path(__file__).resolve().parents[1] / 'weights_index.json'
+CONFIG_NAME = 'config.json'  # timm's hub config, beside the weights of a published folder
+WEIGHTS_NAME = 'model.safetensors'  # the weights of a published folder
 
 
 class CheckpointError(RuntimeError):
@@ -98,7 +110,42 @@ def _path_problem(path: Path) -> Optional[str]:
 # --- the weights index ----------------------------------------------------------------------------------------------
 
 def index_path() -> Path:
+    """The base index: ``$DYNZOO_WEIGHTS_INDEX`` where set, else the packaged one."""
     return Path(os.environ.get(INDEX_ENV) or _PACKAGE_INDEX)
+
+
+CACHE_ENV = 'DYNZOO_CACHE'
+
+
+def cache_dir() -> Path:
+    """dynzoo's folder in the user's cache: ``$DYNZOO_CACHE``, else ``$XDG_CACHE_HOME/dynzoo``, else
+    ``~/.cache/dynzoo``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'dynzoo'
+
+
+def user_index_path() -> Path:
+    """The user's weights index, layered over :func:`index_path`'s."""
+    return cache_dir() / 'weights_index.json'
+
+
+def pins_path() -> Path:
+    """The sha256 of every hub file :func:`download_pinned` verified, pinned on first download."""
+    return cache_dir() / 'hub_pins.json'
+
+
+def entry_name(entry: Mapping[str, Any]) -> str:
+    return f"{entry.get('model')}.{entry.get('tag')}" if entry.get('tag') else str(entry.get('model'))
+
+
+def write_json(path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON with sorted keys (the same bytes for the same content), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n', encoding='utf-8')
+    os.replace(tmp, path)
 
 
 @lru_cache(maxsize=8)
@@ -112,17 +159,40 @@ def _parse_index(data: bytes, path: str) -> Dict[str, Any]:
     return index
 
 
-def load_index() -> Dict[str, Any]:
-    """The weights index in force, cached on its content (a rewrite is seen whatever its modification time)."""
-    path = index_path()
+def _read_index(path: Path, hint: str) -> Dict[str, Any]:
     problem = _path_problem(path)
     if problem is not None:
-        raise CheckpointError(f'weights index {path} {problem} (set ${INDEX_ENV} or reinstall dynzoo)')
+        raise CheckpointError(f'weights index {path} {problem} ({hint})')
     try:
         data = path.read_bytes()
     except OSError as e:
         raise CheckpointError(f'weights index {path} cannot be read ({e.strerror or e})') from e
     return _parse_index(data, str(path))
+
+
+def index_layers() -> List[Tuple[Path, Dict[str, Any]]]:
+    """``(path, index)`` of the base index and, where it exists, of the user's index layered over it."""
+    layers = [(index_path(), _read_index(index_path(), f'set ${INDEX_ENV} or reinstall dynzoo'))]
+    user = user_index_path()
+    if user.exists():
+        layers.append((user, _read_index(user, 'fix it, or remove it to drop your own entries')))
+    return layers
+
+
+def entries_in_force() -> List[Tuple[Path, Dict[str, Any]]]:
+    """``(index path, entry)`` of every entry in force: the base index's with the user's over them (one per
+    ``(model, tag)``, the user's winning), each index read once per content (a rewrite is seen whatever its
+    modification time)."""
+    merged: Dict[Tuple[Any, Any], Tuple[Path, Dict[str, Any]]] = {}
+    for path, index in index_layers():
+        for e in index['entries']:
+            merged[(e.get('model'), e.get('tag'))] = (path, e)
+    return list(merged.values())
+
+
+def load_index() -> Dict[str, Any]:
+    """The weights index in force (:func:`entries_in_force`)."""
+    return {'schema': INDEX_SCHEMA, 'entries': [e for _, e in entries_in_force()]}
 
 
 def entries_for(model: str) -> List[Dict[str, Any]]:
@@ -274,13 +344,18 @@ def _unavailable_message(model: str, tag: Optional[str]) -> str:
     for e in known:
         etag = f"{model}.{e.get('tag')}" if e.get('tag') else model
         if is_published(model, e.get('tag')):
-            lines.append(f'  - {etag}: published on the hub as {e.get("hf_hub_id")} '
-                         f'(use timm.create_model({etag!r}, pretrained=True))')
+            where = f'the local file {e["file"]}' if e.get('file') else f'the hub as {e.get("hf_hub_id")}'
+            lines.append(f'  - {etag}: published in {where} (use timm.create_model({etag!r}, pretrained=True))')
         else:
             src = e.get('source') or {}
             lines.append(f'  - {etag}: {e.get("status")} -- released by the authors at {src.get("url", "?")}; '
                          'download it and load the file as shown below')
-    if not known:
+    from timm.models import get_arch_pretrained_cfgs
+    listed = {entry_name(e) for e in known}
+    starts = [(n, c) for n, c in get_arch_pretrained_cfgs(model).items() if c.has_weights and n not in listed]
+    for start_name, cfg in starts:  # the upcycled starts (dynzoo.models._builder.upcycled_cfg)
+        lines.append(f'  - {start_name}: {cfg.description} (use timm.create_model({start_name!r}, pretrained=True))')
+    if not known and not starts:
         lines.append('  The weights index lists no checkpoint at all for this model (see `dynzoo weights`).')
     lines.append('To load a checkpoint file you have: timm.create_model('
                  f'{model!r}, pretrained=True, pretrained_cfg_overlay=dict(file="/path/to/weights.safetensors"))'
@@ -308,34 +383,103 @@ def load_checkpoint(pretrained_cfg: Any) -> Any:
                         f'got a {type(pretrained_cfg).__name__}')
     if pretrained_cfg.get('state_dict') is not None:
         return pretrained_cfg['state_dict']
-    if pretrained_cfg.get('file'):
-        return load_checkpoint_file(weights_path(pretrained_cfg['file']))
     model = pretrained_cfg.get('architecture') or '?'
     tag = pretrained_cfg.get('tag')
+    name = f'{model}.{tag}' if tag else model
     entry = _published_entry(model, tag)
+    file = pretrained_cfg.get('file')
+    if file:
+        if entry is not None and entry.get('file') and Path(file) == Path(entry['file']):  # the index's own file
+            return load_checkpoint_file(_verified(entry, Path(file), name))
+        return load_checkpoint_file(weights_path(file))
+    repo = pretrained_cfg.get('hf_hub_id')
+    if pretrained_cfg.get('source') == 'hf-hub' and repo and (entry is None or entry.get('hf_hub_id') != repo):
+        # timm's ``hf-hub:ORG/REPO``: the repository the caller named, whatever the index lists for the tag
+        repo, _, revision = repo.partition('@')
+        return load_checkpoint_file(download_pinned(
+            repo, pretrained_cfg.get('hf_hub_filename') or WEIGHTS_NAME, revision or None, name))
     if entry is None:
         raise PretrainedUnavailableError(_unavailable_message(model, tag))
+    path = _fetch(entry['hf_hub_id'], entry.get('filename', WEIGHTS_NAME), entry.get('revision'), name)
+    return load_checkpoint_file(_verified(entry, Path(path), name))
+
+
+def _fetch(repo_id: str, filename: str, revision: Optional[str], name: str) -> str:
+    """``hf_hub_download`` (its cache, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT``), failures as :class:`CheckpointError`."""
     from huggingface_hub import hf_hub_download
     try:
-        path = hf_hub_download(
-            repo_id=entry['hf_hub_id'], filename=entry.get('filename', 'model.safetensors'),
-            revision=entry.get('revision'))
+        return hf_hub_download(repo_id=repo_id, filename=filename, revision=revision)
     except Exception as e:
         raise CheckpointError(
-            f'could not fetch {entry["hf_hub_id"]}/{entry.get("filename", "model.safetensors")} for '
-            f'{model}.{tag} ({type(e).__name__}: {e}). Offline? Put the file in the Hugging Face cache, or load it '
-            'with pretrained_cfg_overlay=dict(file=...)') from e
+            f'could not fetch {repo_id}/{filename} for {name} ({type(e).__name__}: {e}). Offline? Put the file in '
+            'the Hugging Face cache, or load it with pretrained_cfg_overlay=dict(file=...)') from e
+
+
+def _verified(entry: Mapping[str, Any], path: Path, name: str) -> Path:
+    """``path`` once its size and sha256 are the index entry's."""
+    if entry.get('file'):
+        problem = _path_problem(path)
+        if problem is not None:
+            raise CheckpointError(f'{name}: the weights index lists {str(path)!r}, which {problem}; add the file '
+                                  f'again (`dynzoo weights add {name} FILE`) or remove the entry')
+        fix = (f'The file changed after it was indexed: if on purpose, index it again '
+               f'(`dynzoo weights add {name} FILE`).')
+    else:
+        fix = 'The download is corrupted or the hub file changed: delete it from the cache and download again.'
     size = os.path.getsize(path)
     if entry.get('size') is not None and size != entry['size']:
-        raise CheckpointError(
-            f'size mismatch for {model}.{tag} ({path}): index says {entry["size"]} bytes, file has {size}. '
-            'The download is truncated or the hub file changed: delete it from the cache and download again.')
+        raise CheckpointError(f'size mismatch for {name} ({path}): index says {entry["size"]} bytes, file has '
+                              f'{size}. {fix}')
     digest = sha256_file(path)
     if digest != entry.get('sha256'):
+        raise CheckpointError(f'sha256 mismatch for {name} ({path}): index says {entry.get("sha256")}, file has '
+                              f'{digest}. {fix}')
+    return path
+
+
+_SHA256_HEX = re.compile(r'^[0-9a-f]{64}$')
+
+
+def _announced_sha256(path: str) -> Optional[str]:
+    """The sha256 the hub announced for a cached file: huggingface_hub names each blob by the file's ETag, which
+    for an LFS file is its sha256 (``X-Linked-Etag``); ``None`` where the cache holds no such blob."""
+    blob = Path(os.path.realpath(path))
+    return blob.name if blob.parent.name == 'blobs' and _SHA256_HEX.match(blob.name) else None
+
+
+def download_pinned(repo_id: str, filename: str = WEIGHTS_NAME, revision: Optional[str] = None,
+                    name: str = '') -> str:
+    """Fetch ``repo_id/filename`` with ``hf_hub_download`` and check it where no index gives its sha256.
+
+    The file must have the sha256 the hub announced for it (:func:`_announced_sha256`), and the digest is pinned
+    on first download in :func:`pins_path` (keyed by repository, file and revision): a later file, downloaded or
+    cached, offline too, that does not match the pin is refused.
+    """
+    what = name or repo_id
+    path = _fetch(repo_id, filename, revision, what)
+    digest = sha256_file(path)
+    announced = _announced_sha256(path)
+    if announced is not None and digest != announced:
         raise CheckpointError(
-            f'sha256 mismatch for {model}.{tag} ({path}): index says {entry.get("sha256")}, file has {digest}. '
-            'The download is corrupted or the hub file changed: delete it from the cache and download again.')
-    return load_checkpoint_file(path)
+            f'sha256 mismatch for {what} ({path}): the hub announced {announced} for {repo_id}/{filename}, the file '
+            f'has {digest}. The cached copy is corrupted: delete it from the cache and download again.')
+    key = f'{repo_id}/{filename}@{revision or "main"}'
+    pins_file = pins_path()
+    pins = json.loads(pins_file.read_text(encoding='utf-8')) if pins_file.is_file() else {}
+    pin = pins.get(key)
+    if pin is None:
+        snapshot = Path(path).parent
+        pins[key] = dict(sha256=digest, size=os.path.getsize(path),
+                         commit=snapshot.name if snapshot.parent.name == 'snapshots' else None,
+                         verified_against='hub sha256' if announced else 'none (first download)')
+        write_json(pins_file, pins)
+        _logger.info('%s: pinned %s (sha256 %s) in %s', what, key, digest, pins_file)
+    elif pin.get('sha256') != digest:
+        raise CheckpointError(
+            f'sha256 mismatch for {what}: {repo_id}/{filename} ({path}) has sha256 {digest}, but {pin.get("sha256")} '
+            f'was pinned on its first download (in {pins_file}). The hub file changed, or the cached copy was '
+            f'altered: if you trust the new file, delete the entry {key!r} from {pins_file}.')
+    return path
 
 
 def unwrap_checkpoint(checkpoint: Any, use_ema: bool = False) -> Dict[str, torch.Tensor]:
@@ -374,8 +518,6 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = 'module.'
 
 # --- what a checkpoint says of itself ------------------------------------------------------------------------------
 
-CONFIG_NAME = 'config.json'  # timm's hub config, beside the weights of a published folder
-WEIGHTS_NAME = 'model.safetensors'  # the weights of a published folder
 # the pretrained-cfg fields a checkpoint brings with it: the preprocessing its weights were trained or evaluated
 # with, its class count and its labels
 CARRIED_FIELDS = ('num_classes', 'input_size', 'test_input_size', 'interpolation', 'crop_pct', 'test_crop_pct',

@@ -13,9 +13,13 @@
    and ``index_entry.json`` (sha256, size, source: repository, commit, file, URL, container; the authors'
    claimed metrics when given, marked ``measured_by: authors``) through :func:`dynzoo.tools.publish.export_folder`;
 3. verifies that the safetensors file, loaded back with ``pretrained_cfg_overlay=dict(file=...)``, gives exactly
-   the logits of the model converted from the authors' file.
+   the logits of the model converted from the authors' file;
+4. records the file in the user's weights index (:func:`dynzoo.models._hub.user_index_path`), so that
+   ``timm.create_model('<model>.<tag>', pretrained=True)`` loads it (sha256-checked) from then on.
 
-``dynzoo publish --folder <out>`` then pushes the folder and adds the entry to the weights index.
+The weights carry the licence of their source: ``--license``, else the one the weights index records for the
+authors' release of ``model.tag``, else ``unknown`` (never the licence of dynzoo's code). Converting the same file
+twice writes the same bytes. ``dynzoo publish --folder <out>`` then pushes the folder.
 """
 import argparse
 import json
@@ -74,11 +78,15 @@ def convert_checkpoint(
         model_kwargs: Optional[Dict[str, Any]] = None,
         verify: bool = True,
         quiet: bool = False,
+        user_index: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Convert ``checkpoint`` (an authors' file) for ``model_name``; returns the index entry of the result."""
+    """Convert ``checkpoint`` (an authors' file) for ``model_name``; returns the index entry of the result, also
+    recorded (as its local file) in ``user_index`` where given."""
     import timm
     import dynzoo
-    from dynzoo.tools.publish import export_folder
+    from dynzoo.models._builder import known_tags, upcycled_source
+    from dynzoo.models._hub import UNTRAINED_TAG
+    from dynzoo.tools.publish import export_folder, local_entry, update_index
 
     checkpoint = Path(checkpoint)
     if not timm.is_model(model_name):
@@ -99,8 +107,11 @@ def convert_checkpoint(
     if use_ema:  # the EMA weights in the container's place for them, beside what it says of its run (``args``)
         raw = dict(raw, state_dict=hub.unwrap_checkpoint(raw, use_ema=True))
     # in memory, not use_ema=: timm records a model's kwargs in the config.json that the folder gets
-    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=raw),
-                              **kwargs).eval()
+    # the family's own cfg for the tag, not an upcycled start's preprocessing
+    own_cfg = next((t for t in (tag, UNTRAINED_TAG) if t in known_tags(model_name)
+                    and upcycled_source(model_name, t) is None), None)
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg=own_cfg,
+                              pretrained_cfg_overlay=dict(state_dict=raw), **kwargs).eval()
     del raw
 
     _step(2, n, f'writing {out_dir}', quiet)
@@ -111,7 +122,7 @@ def convert_checkpoint(
                        original_sha256=hub.sha256_file(checkpoint), ema=use_ema, **source),
         'dataset': {'name': dataset},
         'metrics': [dict(m, protocol=metric_protocol, measured_by='authors') for m in (metrics or [])],
-        'license': license_ or model.pretrained_cfg.get('license') or 'unknown',
+        'license': license_ or _release_license(model_name, tag),
     }
     if metrics and not metric_protocol:
         raise ValueError('claimed metrics need their evaluation protocol (--metric-protocol)')
@@ -129,9 +140,19 @@ def convert_checkpoint(
         if diff != 0.0:
             raise hub.CheckpointError(f'the converted file does not reproduce the authors\' weights: max |diff| '
                                       f'{diff:g} on a random input')
+    if user_index:
+        update_index(user_index, local_entry(entry, Path(out_dir) / entry['filename']))
     if not quiet:
-        print(f'{model_name}.{tag}: sha256 {entry["sha256"]}, {entry["size"]:,} bytes -> {out_dir}', flush=True)
+        print(f'{model_name}.{tag}: sha256 {entry["sha256"]}, {entry["size"]:,} bytes -> {out_dir}'
+              + (f'; recorded in {user_index}' if user_index else ''), flush=True)
     return entry
+
+
+def _release_license(model_name: str, tag: str) -> str:
+    """The licence the weights index records for the authors' release of ``model_name.tag``, else
+    ``'unknown'``."""
+    entry = hub.find_entry(model_name, tag)
+    return (entry or {}).get('license') or 'unknown'
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--metric', type=parse_metric, action='append', default=[],
                    help="the authors' claimed metric, name=value (repeatable)")
     p.add_argument('--metric-protocol', default='', help='evaluation protocol of the claimed metrics')
-    p.add_argument('--license', default='')
+    p.add_argument('--license', default='', help="licence of the authors' weights (default: the index's record of "
+                   'their release, else unknown)')
+    p.add_argument('--no-user-index', action='store_true',
+                   help='do not record the converted file in your weights index ($XDG_CACHE_HOME/dynzoo)')
     p.add_argument('--repo-id', default='', help='hub repository it will be published to')
     p.add_argument('--model-kwargs', type=json.loads, default={}, help='extra model kwargs as JSON')
     p.add_argument('--no-verify', action='store_true')
@@ -164,7 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     entry = convert_checkpoint(
         args.model, args.checkpoint, args.out, tag=args.tag, source=source, dataset=args.dataset,
         metrics=args.metric, metric_protocol=args.metric_protocol, license_=args.license, repo_id=args.repo_id,
-        use_ema=args.use_ema, model_kwargs=args.model_kwargs, verify=not args.no_verify, quiet=args.quiet)
+        use_ema=args.use_ema, model_kwargs=args.model_kwargs, verify=not args.no_verify, quiet=args.quiet,
+        user_index=None if args.no_user_index else str(hub.user_index_path()))
     if not args.quiet:
         print(json.dumps(entry, indent=2))
     return 0

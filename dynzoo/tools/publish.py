@@ -10,9 +10,12 @@
   evaluation protocol,
 * ``index_entry.json`` -- the entry ``weights_index.json`` gets for it (schema in ``docs/weights.md``),
 
-then pushes the folder with ``huggingface_hub.HfApi.upload_folder`` (``--dry-run``: write only) and, with
-``--index``, adds the entry (with the pushed commit as ``revision``) to a weights index. ``dynzoo convert``
-writes the same folder for an authors' checkpoint; ``--folder`` publishes such a folder as it is.
+then pushes the folder with ``huggingface_hub.HfApi.upload_folder`` and records the entry in the user's weights
+index (:func:`dynzoo.models._hub.user_index_path`; the pushed commit as ``revision``), so ``model.tag`` is a
+pretrained tag at once; ``--dry-run`` pushes nothing and records the folder's local file instead; ``--index``
+also adds the entry to another index (the packaged one, for a maintainer). ``dynzoo convert`` writes the same
+folder for an authors' checkpoint; ``--folder`` publishes such a folder as it is. Every file of a folder is
+written with the same mode (the umask's) and the same content gives the same bytes.
 
 :func:`validate_entry` / :func:`validate_index` check entries against the documented schema.
 """
@@ -31,11 +34,13 @@ from dynzoo.models import _hub as hub
 
 __all__ = [
     'STATUSES', 'SOURCE_TYPES', 'IndexValidationError', 'validate_entry', 'validate_index', 'model_card',
-    'export_folder', 'load_training_checkpoint', 'update_index', 'push_folder', 'publish_folder', 'main',
+    'export_folder', 'load_training_checkpoint', 'update_index', 'remove_from_index', 'local_entry',
+    'split_name', 'index_weights',
+    'push_folder', 'publish_folder', 'main',
 ]
 
 STATUSES = ('published', 'not_mirrored')
-SOURCE_TYPES = ('trained', 'converted', 'authors_release')
+SOURCE_TYPES = ('trained', 'converted', 'authors_release', 'added')
 MEASURED_BY = ('dynzoo', 'authors')
 WEIGHTS_NAME = 'model.safetensors'
 ENTRY_NAME = 'index_entry.json'
@@ -80,6 +85,8 @@ def validate_entry(entry: Mapping[str, Any], check_model: bool = True) -> None:
         elif stype == 'trained':
             need('recipe', str, source, 'source.')
             need('dynzoo_version', str, source, 'source.')
+        elif stype == 'added':  # `dynzoo weights add`: a file or hf-hub: repository the user names
+            need('from', str, source, 'source.')
         else:  # converted / authors_release: where the authors published it
             url = need('url', str, source, 'source.')
             if url is not None and not url.startswith('https://'):
@@ -99,13 +106,24 @@ def validate_entry(entry: Mapping[str, Any], check_model: bool = True) -> None:
             need('protocol', str, m, f'metrics[{i}].')
             if m.get('measured_by') not in MEASURED_BY:
                 problems.append(f'metrics[{i}].measured_by must be one of {MEASURED_BY}, got {m.get("measured_by")!r}')
-    if status == 'published':
+    if entry.get('pretrained_cfg') is not None:
+        cfg = entry['pretrained_cfg']
+        if not isinstance(cfg, dict) or set(cfg) - set(hub.CARRIED_FIELDS):
+            problems.append(f'pretrained_cfg must be a mapping of {hub.CARRIED_FIELDS}, got {cfg!r}')
+    if status == 'published' and entry.get('file') is not None:  # the user's index: a local file
+        file = entry['file']
+        if not isinstance(file, str) or not os.path.isabs(file):
+            problems.append(f'file must be an absolute path, got {file!r}')
+        if entry.get('hf_hub_id') is not None:
+            problems.append('a published entry names a local file or a hub repository, not both')
+    elif status == 'published':
         repo = need('hf_hub_id', str)
         if repo is not None and not _REPO_ID.match(repo):
             problems.append(f'hf_hub_id must look like "org/name", got {repo!r}')
         fname = need('filename', str)
         if fname is not None and not fname.endswith('.safetensors'):
             problems.append(f'filename must be a .safetensors file, got {fname!r}')
+    if status == 'published':
         sha = entry.get('sha256')
         if not isinstance(sha, str) or not _SHA256.match(sha):
             problems.append(f'sha256 must be 64 lowercase hex digits, got {sha!r}')
@@ -113,7 +131,8 @@ def validate_entry(entry: Mapping[str, Any], check_model: bool = True) -> None:
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             problems.append(f'size must be a positive int (bytes), got {size!r}')
         if stype == 'authors_release':
-            problems.append('a published entry is a dynzoo file: source.type must be "trained" or "converted"')
+            problems.append('a published entry is a file of ours: source.type must be "trained", "converted" or '
+                            '"added"')
     elif status == 'not_mirrored':
         if stype is not None and stype != 'authors_release':
             problems.append('a not_mirrored entry describes an authors\' release: source.type must be '
@@ -147,19 +166,93 @@ def validate_index(index: Mapping[str, Any], check_model: bool = True) -> None:
         seen.add(key)
 
 
+def _read_index(path: Path) -> Dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {'schema': hub.INDEX_SCHEMA, 'entries': []}
+
+
 def update_index(index_path, entry: Mapping[str, Any]) -> Dict[str, Any]:
     """Read-modify-write ``index_path``: replace the entry of the same ``(model, tag)`` or append it."""
     validate_entry(entry)
     path = Path(index_path)
-    index = json.loads(path.read_text()) if path.is_file() else {'schema': hub.INDEX_SCHEMA, 'entries': []}
+    index = _read_index(path)
     entries = [e for e in index['entries'] if (e.get('model'), e.get('tag')) != (entry['model'], entry['tag'])]
     entries.append(dict(entry))
     index['entries'] = entries
     validate_index(index)
-    tmp = path.with_suffix(path.suffix + '.tmp')
-    tmp.write_text(json.dumps(index, indent=2) + '\n')
-    os.replace(tmp, path)
+    hub.write_json(path, index)
     return index
+
+
+def remove_from_index(index_path, model: str, tag: str) -> Dict[str, Any]:
+    """Remove the entry ``(model, tag)`` from ``index_path``; :class:`KeyError` where it lists none."""
+    path = Path(index_path)
+    index = _read_index(path)
+    entries = [e for e in index['entries'] if (e.get('model'), e.get('tag')) != (model, tag)]
+    if len(entries) == len(index['entries']):
+        raise KeyError(f'{path} lists no entry {model}.{tag}')
+    index['entries'] = entries
+    hub.write_json(path, index)
+    return index
+
+
+def local_entry(entry: Mapping[str, Any], weights) -> Dict[str, Any]:
+    """``entry`` published as the local file ``weights`` (the user's index) instead of a hub repository."""
+    local = {k: v for k, v in entry.items() if k not in ('hf_hub_id', 'filename', 'revision')}
+    local['file'] = str(Path(weights).resolve())
+    validate_entry(local)
+    return local
+
+
+def split_name(name: str):
+    """``'attnet_xxs.digits'`` -> ``('attnet_xxs', 'digits')`` for a registered model and a tag that can hold
+    weights (not timm's ``.untrained``); :class:`ValueError` otherwise."""
+    import timm
+    import dynzoo  # noqa: F401
+    model, _, tag = name.partition('.')
+    if not timm.is_model(model):
+        raise ValueError(f'unknown model {model!r}; `dynzoo list` shows the registered ones')
+    if not tag or tag == hub.UNTRAINED_TAG:
+        raise ValueError(f'{name!r}: name the weights MODEL.TAG with a tag of your own (e.g. {model}.digits); '
+                         f'.{hub.UNTRAINED_TAG} is timm\'s tag for no weights')
+    return model, tag
+
+
+def index_weights(name: str, source: str, license_: str = '', dataset: str = '', num_classes: Optional[int] = None,
+                  filename: str = WEIGHTS_NAME) -> Dict[str, Any]:
+    """The weights-index entry of the user's checkpoint ``source`` for ``name`` (``MODEL.TAG``): a file, or
+    ``hf-hub:ORG/REPO[@REVISION]`` (downloaded and pinned, :func:`dynzoo.models._hub.download_pinned`).
+
+    The file is first loaded the way ``pretrained=True`` will load it (strict: keys, shapes, values), with the
+    class count and preprocessing it carries (a ``config.json`` beside it) or ``num_classes``; its sha256 and size
+    are recorded. The licence is ``license_``, else ``unknown``.
+    """
+    import timm
+    import dynzoo
+    model_name, tag = split_name(name)
+    if source.startswith('hf-hub:'):
+        repo, _, revision = source[len('hf-hub:'):].partition('@')
+        path = Path(hub.download_pinned(repo, filename, revision or None, name))
+        try:  # the preprocessing it was trained with, where the repository has timm's config.json
+            hub.download_pinned(repo, hub.CONFIG_NAME, revision or None, name)
+        except hub.CheckpointError as e:
+            print(f'{repo} has no readable {hub.CONFIG_NAME} ({e}); the model\'s own cfg applies', file=sys.stderr)
+        where: Dict[str, Any] = dict(hf_hub_id=repo, filename=filename, revision=path.parent.name)
+    else:
+        path = Path(source)
+        where = dict(file=str(path.resolve()))
+    checkpoint = hub.load_checkpoint_file(path)
+    carried = hub.checkpoint_cfg(checkpoint, str(path), model_name)
+    if num_classes is not None:
+        carried['num_classes'] = num_classes
+    kwargs = {'num_classes': carried['num_classes']} if 'num_classes' in carried else {}
+    timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=checkpoint), **kwargs)
+    entry = dict(
+        model=model_name, tag=tag, status='published', **where, sha256=hub.sha256_file(path),
+        size=path.stat().st_size, source={'type': 'added', 'from': source, 'dynzoo_version': dynzoo.__version__},
+        dataset={'name': dataset or 'unknown'}, metrics=[], license=license_ or 'unknown',
+        pretrained_cfg={k: list(v) if isinstance(v, tuple) else v for k, v in carried.items()})
+    validate_entry(entry)
+    return entry
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -253,14 +346,16 @@ def export_folder(
     ``entry`` holds the metadata (model, tag, source, dataset, metrics, license, hf_hub_id); the file fields
     (filename, sha256, size) are filled in here. Returns the completed entry (validated).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     from timm.models._hub import save_config_for_hf
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = out / WEIGHTS_NAME
-    save_file(state, str(weights), metadata={'format': 'pt', 'model': entry['model'], 'tag': entry['tag']})
+    # one metadata key: safetensors writes several in no fixed order (config.json names the model and tag)
+    weights.unlink(missing_ok=True)  # a new file: the umask's mode, as for the folder's other files
+    weights.write_bytes(save(state, metadata={'format': 'pt'}))
     src = entry['source']
     note = (f'trained by dynzoo with recipe {src.get("recipe")} on {entry["dataset"]["name"]}'
             if src['type'] == 'trained' else f'converted by dynzoo from the authors\' release {src.get("url")}')
@@ -274,12 +369,14 @@ def export_folder(
         data = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items()
                 if k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')}
     save_config_for_hf(model, str(out / 'config.json'), model_config=model_config, data_config=data)
-    entry = dict(entry, filename=WEIGHTS_NAME, sha256=hub.sha256_file(weights), size=weights.stat().st_size)
+    carried = hub.checkpoint_cfg({}, str(weights), entry['model'])
+    entry = dict(entry, filename=WEIGHTS_NAME, sha256=hub.sha256_file(weights), size=weights.stat().st_size,
+                 pretrained_cfg={k: list(v) if isinstance(v, tuple) else v for k, v in carried.items()})
     entry.setdefault('status', 'published')
     validate_entry(entry)
     config = json.loads((out / 'config.json').read_text())
     (out / 'README.md').write_text(model_card(entry, config, sum(p.numel() for p in model.parameters())))
-    (out / ENTRY_NAME).write_text(json.dumps(entry, indent=2) + '\n')
+    hub.write_json(out / ENTRY_NAME, entry)
     return entry
 
 
@@ -340,7 +437,9 @@ def folder_from_training(train_dir, out_dir, repo_id: str = '', license_: str = 
         kwargs['num_classes'] = results['num_classes']
     model = timm.create_model(model_name, pretrained=False, **kwargs)
     model.load_state_dict(state, strict=True)
-    license_ = license_ or model.pretrained_cfg.get('license') or 'apache-2.0'
+    if not license_:  # never the licence of the code or of the authors' weights
+        license_ = 'unknown'
+        print('no --license given: the weights are recorded with license "unknown"', file=sys.stderr)
     entry = _entry_from_training(results, repo_id or f'dynzoo/{model_name}.{tag}', license_)
     labels = None
     if results['dataset']['name'] == 'sklearn/digits':
@@ -368,9 +467,10 @@ def push_folder(folder, repo_id: str, endpoint: Optional[str] = None, token: Opt
 
 
 def publish_folder(folder, repo_id: str = '', dry_run: bool = False, index: Optional[str] = None,
-                   endpoint: Optional[str] = None, token: Optional[str] = None, private: bool = False
-                   ) -> Dict[str, Any]:
-    """Push an exported folder and record it; ``dry_run`` checks the folder and prints what would happen."""
+                   endpoint: Optional[str] = None, token: Optional[str] = None, private: bool = False,
+                   user_index: Optional[str] = None) -> Dict[str, Any]:
+    """Push an exported folder and record it in ``user_index`` (the pushed repository and commit) and ``index``;
+    ``dry_run`` checks the folder, pushes nothing and records its local file in ``user_index`` only."""
     folder = Path(folder)
     entry = json.loads((folder / ENTRY_NAME).read_text())
     if repo_id and repo_id != entry.get('hf_hub_id'):
@@ -383,17 +483,21 @@ def publish_folder(folder, repo_id: str = '', dry_run: bool = False, index: Opti
         if not (folder / name).is_file():
             raise FileNotFoundError(f'{folder} lacks {name}: export it with `dynzoo publish` or `dynzoo convert`')
     validate_entry(entry)
+    name = hub.entry_name(entry)
     if dry_run:
         print(f'dry run: would upload {folder} to {entry["hf_hub_id"]}'
-              + (f' and add {entry["model"]}.{entry["tag"]} to {index}' if index else ''), flush=True)
-        (folder / ENTRY_NAME).write_text(json.dumps(entry, indent=2) + '\n')
+              + (f' and add {name} to {index}' if index else ''), flush=True)
+        hub.write_json(folder / ENTRY_NAME, entry)
+        if user_index:
+            update_index(user_index, local_entry(entry, weights))
+            print(f'recorded {name} (the local file {weights.resolve()}) in {user_index}', flush=True)
         return entry
     print(f'uploading {folder} to {entry["hf_hub_id"]} ...', flush=True)
     entry['revision'] = push_folder(folder, entry['hf_hub_id'], endpoint=endpoint, token=token, private=private)
-    (folder / ENTRY_NAME).write_text(json.dumps(entry, indent=2) + '\n')
-    if index:
-        update_index(index, entry)
-        print(f'added {entry["model"]}.{entry["tag"]} (revision {entry["revision"]}) to {index}', flush=True)
+    hub.write_json(folder / ENTRY_NAME, entry)
+    for path in (p for p in (user_index, index) if p):
+        update_index(path, entry)
+        print(f'added {name} (revision {entry["revision"]}) to {path}', flush=True)
     return entry
 
 
@@ -404,8 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument('--folder', help='an exported folder (e.g. from `dynzoo convert`) to push as it is')
     p.add_argument('--out', help='where to write the hub folder (default: <train-dir>/hub)')
     p.add_argument('--repo-id', default='', help='hub repository (default dynzoo/<model>.<tag>)')
-    p.add_argument('--license', default='', help='license of the weights (default: the model cfg\'s)')
-    p.add_argument('--index', default=None, help='weights index to add the entry to after the push')
+    p.add_argument('--license', default='', help='license of the weights you trained (default: unknown)')
+    p.add_argument('--index', default=None, help='another weights index to add the entry to after the push')
+    p.add_argument('--no-user-index', action='store_true',
+                   help='do not record the weights in your weights index ($XDG_CACHE_HOME/dynzoo)')
     p.add_argument('--endpoint', default=None, help='hub endpoint (default: $HF_ENDPOINT or huggingface.co)')
     p.add_argument('--token', default=None)
     p.add_argument('--private', action='store_true')
@@ -421,7 +527,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         entry = folder_from_training(args.train_dir, folder, args.repo_id, args.license)
         print(f'wrote {folder}: {entry["model"]}.{entry["tag"]} sha256 {entry["sha256"]} ({entry["size"]:,} '
               f'bytes), top1 {entry["metrics"][0]["value"]:.2f}', flush=True)
-    entry = publish_folder(folder, args.repo_id, args.dry_run, args.index, args.endpoint, args.token, args.private)
+    entry = publish_folder(folder, args.repo_id, args.dry_run, args.index, args.endpoint, args.token, args.private,
+                           user_index=None if args.no_user_index else str(hub.user_index_path()))
     print(json.dumps(entry, indent=2))
     return 0
 
