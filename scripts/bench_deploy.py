@@ -6,9 +6,10 @@ For each model: eval latency at batch 1 (median ms) and throughput at batch 32 (
 * ``train form``  -- ``timm.create_model(name).eval()`` under ``torch.inference_mode()``;
 * ``reparam``     -- ``dynzoo.reparameterize(model)``, same PyTorch runtime;
 * ``onnxruntime`` -- the reparameterized model exported with a dynamic batch axis (``dynzoo.tools.export.export_onnx``),
-  run by onnxruntime's CPU provider with the same thread count.
+  run by onnxruntime's CPU provider with the same thread count;
+* ``openvino``    -- the same ONNX file compiled by OpenVINO for its CPU device, fp32, same thread count.
 
-The three forms are timed round-robin (one call of each per round), so load from other processes hits them
+The forms are timed round-robin (one call of each per round), so load from other processes hits them
 alike; every figure in the table is a ratio to the training form of the same model in the same run. Outputs of the
 three forms are compared too (``max|diff|`` relative to ``max(1, max|logits|)``), beside the model's own fp32
 rounding floor (``max|fp32 - fp64|`` of the training form, same scale): a randomly initialised dynamic network can
@@ -40,7 +41,7 @@ import timm
 import dynzoo
 from dynzoo.layers.fusion import is_batchnorm
 from dynzoo.tools.bench import interleaved_medians
-from dynzoo.tools.export import export_onnx, onnxruntime_session
+from dynzoo.tools.export import export_onnx, runtime_runner
 
 DEFAULT_SMALL_HINTS = ('mobilenetv2_050', 'xxs', 'cspdarknet_n', 'resnet18', 't1', 'xs')
 
@@ -72,7 +73,7 @@ def calibrate_norms(model, size, batches=2, batch_size=8):
     return model.eval()
 
 
-def bench_model(name, img_size, threads, rounds1, rounds32, batch, tmpdir):
+def bench_model(name, img_size, threads, rounds1, rounds32, batch, tmpdir, openvino=True):
     torch.manual_seed(0)
     model = timm.create_model(name)
     cfg_size = model.pretrained_cfg['input_size']
@@ -83,8 +84,9 @@ def bench_model(name, img_size, threads, rounds1, rounds32, batch, tmpdir):
     t0 = time.perf_counter()
     export_onnx(fused, path, size, batch_size=2, exporter='torchscript')
     export_s = time.perf_counter() - t0
-    session = onnxruntime_session(path, threads)
-    in_name = session.get_inputs()[0].name
+    runtimes = {'ort': runtime_runner(path, 'onnxruntime', threads)}
+    if openvino:
+        runtimes['ov'] = runtime_runner(path, 'openvino', threads)
 
     row = {'model': name}
     for b, rounds in ((1, rounds1), (batch, rounds32)):
@@ -99,25 +101,27 @@ def bench_model(name, img_size, threads, rounds1, rounds32, batch, tmpdir):
             with torch.inference_mode():
                 return fused(x)
 
-        def run_ort():
-            return session.run(None, {in_name: xn})[0]
-
         ref = run_train()
         scale = max(1.0, float(ref.abs().max()))
         row[f'diff_reparam_b{b}'] = float((run_fused() - ref).abs().max()) / scale
-        row[f'diff_onnx_b{b}'] = float((torch.from_numpy(run_ort()) - ref).abs().max()) / scale
+        for form, run in runtimes.items():
+            row[f'diff_{form}_b{b}'] = float((torch.from_numpy(run(xn)) - ref).abs().max()) / scale
         with torch.inference_mode():
             ref64 = copy.deepcopy(model).double()(x.double())
         row[f'floor_b{b}'] = float((ref.double() - ref64).abs().max()) / scale
-        med = interleaved_medians({'train': run_train, 'fused': run_fused, 'ort': run_ort}, rounds)
+        fns = {'train': run_train, 'fused': run_fused}
+        fns.update({form: (lambda run=run: run(xn)) for form, run in runtimes.items()})
+        med = interleaved_medians(fns, rounds)
         row.update({f't_{form}_b{b}': t for form, t in med.items()})
     row['export_s'] = export_s
     return row
 
 
 def format_rows(rows, batch, markdown=True):
-    cols = ['model', 'b1 train ms', 'b1 reparam', 'b1 onnxrt', f'b{batch} train img/s', f'b{batch} reparam',
-            f'b{batch} onnxrt', 'max rel diff', 'fp32 floor']
+    ov = any('t_ov_b1' in r for r in rows)
+    cols = ['model', 'b1 train ms', 'b1 reparam', 'b1 onnxrt'] + (['b1 openvino'] if ov else []) + [
+        f'b{batch} train img/s', f'b{batch} reparam', f'b{batch} onnxrt'] + ([f'b{batch} openvino'] if ov else []) + [
+        f'b{batch} onnxrt / reparam', 'max rel diff', 'fp32 floor']
     lines = []
     if markdown:
         lines.append('| ' + ' | '.join(cols) + ' |')
@@ -127,14 +131,13 @@ def format_rows(rows, batch, markdown=True):
             lines.append(f"| {r['model']} | error: {r['error']} |" + ' |' * (len(cols) - 2))
             continue
         diff = max(r[k] for k in r if k.startswith('diff_'))
-        cells = [
-            r['model'],
-            f"{1000 * r['t_train_b1']:.1f}",
-            f"{r['t_train_b1'] / r['t_fused_b1']:.2f}x",
-            f"{r['t_train_b1'] / r['t_ort_b1']:.2f}x",
-            f"{batch / r[f't_train_b{batch}']:.1f}",
-            f"{r[f't_train_b{batch}'] / r[f't_fused_b{batch}']:.2f}x",
-            f"{r[f't_train_b{batch}'] / r[f't_ort_b{batch}']:.2f}x",
+        forms = ['fused', 'ort'] + (['ov'] if ov else [])
+        cells = [r['model'], f"{1000 * r['t_train_b1']:.1f}"]
+        cells += [f"{r['t_train_b1'] / r[f't_{form}_b1']:.2f}x" for form in forms]
+        cells.append(f"{batch / r[f't_train_b{batch}']:.1f}")
+        cells += [f"{r[f't_train_b{batch}'] / r[f't_{form}_b{batch}']:.2f}x" for form in forms]
+        cells += [
+            f"{r[f't_fused_b{batch}'] / r[f't_ort_b{batch}']:.2f}x",
             f'{diff:.1e}',
             f"{max(r[k] for k in r if k.startswith('floor_')):.1e}",
         ]
@@ -152,6 +155,7 @@ def main(argv=None):
     parser.add_argument('--rounds1', type=int, default=15, help='timed rounds at batch 1')
     parser.add_argument('--rounds32', type=int, default=3, help='timed rounds at the large batch')
     parser.add_argument('--markdown', action='store_true')
+    parser.add_argument('--no-openvino', action='store_true', help='onnxruntime only')
     args = parser.parse_args(argv)
     warnings.filterwarnings('ignore')
     torch.set_num_threads(args.threads)
@@ -163,7 +167,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmpdir:
         for name in names:
             try:
-                row = bench_model(name, args.img_size, args.threads, args.rounds1, args.rounds32, args.batch, tmpdir)
+                row = bench_model(name, args.img_size, args.threads, args.rounds1, args.rounds32, args.batch, tmpdir,
+                                  openvino=not args.no_openvino)
             except Exception as e:  # keep going; the table says which model failed and why
                 row = {'model': name, 'error': f'{type(e).__name__}: {str(e)[:120]}'}
             rows.append(row)

@@ -9,6 +9,11 @@ root; about 7 and 2 minutes of CPU on an idle 2-core machine, much longer when i
         --layers fmdconv_resnet18 --out docs/benchmarks
     python scripts/benchmark.py fmdconv_resnet18 --layers-only --layer-batch-size 32 --repeats 3 --threads 1 \
         --timer cpu --out docs/benchmarks/layers_fresh
+
+Beside the authors' code (``dynzoo bench compare``, :mod:`dynzoo.tools.bench.compare`; the regression guard of
+BENCHMARKS.md's first table, a few minutes on an idle 2-core machine, ``--quick`` for 2 rounds)::
+
+    python scripts/benchmark.py compare --authors-dir /path/to/authors --out docs/benchmarks/compare
 """
 import sys
 

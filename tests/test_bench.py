@@ -78,3 +78,72 @@ def test_retain_allocator_in_a_benchmark_process():
     assert proc.stdout.strip() == expected
     with pytest.raises(ValueError, match='allocator'):
         set_cpu_allocator('jemalloc')
+
+
+def test_compare_table_dynzoo_vs_static(tmp_path, capsys):
+    """``dynzoo bench compare`` without the authors' code: dynzoo, its reparameterized form and the static
+    counterpart, each row's ratios its times over the static counterpart's; tiny input, one round."""
+    from dynzoo.tools.bench.compare import COMPARED
+    out = tmp_path / 'cmp'
+    assert main(['compare', 'fmdconv_resnet18', '--img-size', '32', '--batch-sizes', '2', '--train-batch-sizes', '2',
+                 '--repeats', '1', '--warmup', '0', '--threads', '1', '--quiet', '--out', str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / 'compare.json').read_text())
+    rows = {(r['mode'], r['batch_size']): r for r in data['rows']}
+    assert set(rows) == {('eval', 2), ('train', 2)}
+    network = next(n for n in COMPARED if n.model == 'fmdconv_resnet18')
+    reparam_params = count_params(dynzoo.reparameterize(timm.create_model('fmdconv_resnet18')))
+    for (mode, _), r in rows.items():
+        assert r['network'] == network.label and r['static'] == timm_counterpart('fmdconv_resnet18') == 'resnet18'
+        assert set(r['time_ms']) == ({'dynzoo', 'dynzoo_reparam', 'static'} if mode == 'eval' else {'dynzoo', 'static'})
+        for k, t in r['time_ms'].items():
+            assert r['ratio_static'][k] == pytest.approx(t / r['time_ms']['static'])
+        assert r['authors_over_dynzoo'] is None and r['authors_vs_dynzoo_max_rel_diff'] is None
+        assert r['params'] == {'dynzoo': 45_203_400, 'static': 11_689_512, 'dynzoo_reparam': reparam_params}
+    eval_row = rows['eval', 2]['ratio_static']
+    assert f"| {network.label} (resnet18) | n/a / {eval_row['dynzoo']:.2f} |" in printed
+    assert (out / 'compare.md').read_text().count(network.label) == 2 + len(rows)  # summary, ms rows, parity
+
+
+def test_compare_authors_loader_names_what_is_missing(tmp_path, capsys):
+    from dynzoo.tools.bench.compare import COMPARED, load_authors_model
+    missing = tmp_path / 'nowhere'
+    with pytest.raises(FileNotFoundError, match='nowhere.*does not exist'):
+        load_authors_model(str(missing), COMPARED[0])
+    (tmp_path / 'authors').mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no checkout of tianyu00824/FMDConv .*'FMDConv'.*git clone"):
+        load_authors_model(str(tmp_path / 'authors'), COMPARED[0])
+    (tmp_path / 'authors' / 'fmdconv').mkdir()  # a checkout without the file that builds the network
+    with pytest.raises(FileNotFoundError, match='models/fmd_resnet.py'):
+        load_authors_model(str(tmp_path / 'authors'), COMPARED[0])
+    assert main(['compare', '--authors-dir', str(missing), '--quiet']) == 2
+    assert 'nowhere' in capsys.readouterr().err
+    assert main(['compare', 'resnet18', '--quiet']) == 2
+    assert 'no compared network' in capsys.readouterr().err
+
+
+def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
+    """``scripts/gpu_benchmark.py --device cpu --quick``: the GPU script's smoke test (tiny input); it fills the
+    marked section of the given markdown file and leaves the rest as it was, and a spent budget skips the rest."""
+    md = tmp_path / 'BENCHMARKS.md'
+    md.write_text('# head\n\n<!-- gpu_benchmark.py:begin -->\nold\n<!-- gpu_benchmark.py:end -->\n\n## tail\n')
+    script = os.path.join(os.path.dirname(__file__), '..', 'scripts', 'gpu_benchmark.py')
+    cmd = [sys.executable, script, '--device', 'cpu', '--quick', '--models', 'fmdconv_resnet18', '--img-size', '32',
+           '--batch-sizes', '2', '--train-batch-sizes', '2', '--configs', 'bf16-cl', '--out', str(tmp_path),
+           '--benchmarks-md', str(md)]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / 'gpu.json').read_text())
+    assert data['device'].startswith('CPU') and data['skipped'] == []
+    assert [c['config'] for c in data['configs']] == ['bf16-cl']
+    assert data['configs'][0]['amp'] == 'bf16' and data['configs'][0]['channels_last']
+    for c in data['configs']:
+        assert {(r['mode'], r['batch_size']) for r in c['rows']} == {('eval', 2), ('train', 2)}
+    text = md.read_text()
+    assert text.startswith('# head\n') and text.endswith('\n## tail\n') and 'old' not in text
+    assert '### bf16-cl' in text and 'FMDConv ResNet-18 (resnet18)' in text
+    proc = subprocess.run(cmd[:-2] + ['--benchmarks-md', '', '--budget', '0'], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / 'gpu.json').read_text())['skipped'] == ['bf16-cl: fmdconv_resnet18']

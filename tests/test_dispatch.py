@@ -2,7 +2,8 @@
 
 * every strategy computes the same function (forward and gradients) as the per-sample loop reference, across
   geometries and every optional input of :func:`dynamic_conv2d`;
-* the ``'tiled'`` strategy really tiles (tiny tile budgets) and never builds more than one tile of kernels;
+* the ``'tiled'`` strategy really tiles (tiny tile budgets) and never builds more than one tile of kernels, and folds
+  the channel attentions into the kernels where those are the smaller tensors;
 * the dispatcher :func:`select_strategy` and the tile planner :func:`tile_plan` are tested as functions (no timing).
 """
 import itertools
@@ -126,6 +127,28 @@ def test_strategies_match_loop_gradients_fp64(geometry, options, tiny_tiles):
         for name in ref:
             torch.testing.assert_close(g[name], ref[name], rtol=1e-9, atol=1e-9,
                                        msg=lambda m: f'{strategy} d/d{name}: {m}')
+
+
+@pytest.mark.parametrize('geometry', ['3x3', 'groups2', 'depthwise', 'pointwise_s2'])
+def test_tiled_folds_channel_attentions_into_the_kernels(geometry, tiny_tiles, monkeypatch):
+    """Where a sample's kernel is smaller than its input and output maps, ``'tiled'`` scales the kernels by
+    ``in_scale`` / ``out_scale`` (``scale_kernels``) instead of the activations: same values and gradients as the
+    loop reference, in fp64, over several row tiles and sample chunks."""
+    folded = []
+    real = core.scale_kernels
+    monkeypatch.setattr(core, 'scale_kernels', lambda k, i, o, g: folded.append((i is not None, o is not None))
+                        or real(k, i, o, g))
+    out, grads = {}, {}
+    for strategy in ('loop', 'tiled'):
+        inp = _inputs(GEOMETRIES[geometry], OPTIONS['everything'], size=16, dtype=torch.float64, requires_grad=True)
+        out[strategy] = _run(inp, strategy)
+        out[strategy].square().sum().backward()
+        grads[strategy] = {k: v.grad for k, v in inp.items() if isinstance(v, torch.Tensor) and v.grad is not None}
+    assert folded and all(f == (True, True) for f in folded)
+    torch.testing.assert_close(out['tiled'], out['loop'], rtol=1e-9, atol=1e-9)
+    assert set(grads['tiled']) == set(grads['loop'])
+    for name, g in grads['loop'].items():
+        torch.testing.assert_close(grads['tiled'][name], g, rtol=1e-9, atol=1e-9, msg=lambda m: f'd/d{name}: {m}')
 
 
 def test_single_kernel_without_attention():

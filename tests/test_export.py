@@ -1,15 +1,20 @@
-"""Deployment exports of every registered model: TorchScript, ONNX (dynamic batch, run in onnxruntime), torch.compile.
+"""Deployment exports: TorchScript (script and trace), ONNX (dynamic batch, run in onnxruntime and OpenVINO),
+torch.compile.
 
 The exported model is the inference form (``dynzoo.reparameterize``) with calibrated, randomized BatchNorms
 (see ``test_reparam.randomize_norms``), at small inputs. Outputs must match PyTorch to
 ``max|diff| <= 1e-4 * max(1, max|logits|)`` (fp32).
 
-Budget notes: ONNX parity runs for the whole registry with the TorchScript-based exporter (about 4x faster to run
-than the dynamo exporter); the dynamo exporter -- the CLI's default -- runs through the CLI on one model.
+Budget notes: ONNX parity (onnxruntime and OpenVINO, one file at batch 1 and 3) and TorchScript run for
+``EXPORT_MODELS`` -- every family and every dynzoo layer type (a slow test checks that the list covers the
+registry) -- with the TorchScript-based exporter (about 4x faster to run than the dynamo exporter); the rest of the
+registry is the slow-marked sweep. The dynamo exporter -- the CLI's default -- runs through the CLI on one model.
 torch.compile covers one model per family (``aot_eager`` backend: Dynamo capture + AOTAutograd, no C++ codegen,
 which would take minutes per model on CPU) with ``fullgraph=True`` (no graph break anywhere in the model) plus
 ``torch._dynamo.explain`` of the first dynamic layer; an inductor run on one model is marked slow.
 """
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -24,7 +29,10 @@ from test_reparam import EDGE_MODEL, MODELS, RTOL, build, close, fp32_noise, inp
 pytest.importorskip('onnxruntime')
 
 
+@functools.lru_cache(maxsize=None)
 def _deploy(name):
+    """The inference form of ``name`` with randomized BatchNorms, built once per test process (the exports read it
+    and never change it)."""
     return dynzoo.reparameterize(build(name), inplace=True)
 
 
@@ -52,28 +60,88 @@ def test_gemm_strategy_matches_loop(geometry):
                           atol=1e-5)
 
 
-@pytest.mark.parametrize('name', MODELS)
-def test_onnx_dynamic_batch_matches_pytorch(name, tmp_path):
+# every family, and the ATConv transformer hosts: the layer types (ATConv token blocks) the families' smallest
+# models do not hold; the zoo-wide sweep and the check that this list covers every layer type are slow-marked
+EXPORT_MODELS = sorted(set(one_per_family()) | {'atconv_swin_tiny_224', 'atconv_pvt_tiny'})
+OTHER_MODELS = [n for n in MODELS if n not in EXPORT_MODELS]
+
+
+def _check_onnx(name, tmp_path, runtimes=('onnxruntime',)):
     model = _deploy(name)
     size = input_size(model)
     path = export_onnx(model, str(tmp_path / f'{name}.onnx'), size, batch_size=2, exporter='torchscript')
-    worst = check_onnx(model, path, size, batch_sizes=(1, 3))
     x = torch.randn((3,) + size)
     with torch.no_grad():
         floor = fp32_noise(model, x) / max(1.0, float(model(x).abs().max()))
     tol = max(RTOL, 50 * floor)  # see test_reparam.fp32_noise: ill-conditioned models cannot do better in fp32
-    print(f'{name}: onnxruntime max|diff|/max(1,|logits|) {worst:.2e} (fp32 floor {floor:.2e})')
-    assert worst <= tol, f'{name}: onnxruntime differs from PyTorch by {worst:.3g} (relative; tolerance {tol:.3g})'
+    for runtime in runtimes:  # one file, batch 1 and 3: the batch axis is dynamic
+        worst = check_onnx(model, path, size, batch_sizes=(1, 3), runtime=runtime)
+        print(f'{name}: {runtime} max|diff|/max(1,|logits|) {worst:.2e} (fp32 floor {floor:.2e})')
+        assert worst <= tol, f'{name}: {runtime} differs from PyTorch by {worst:.3g} (relative; tolerance {tol:.3g})'
 
 
-@pytest.mark.parametrize('name', MODELS)
-def test_torchscript_matches_pytorch(name):
+@pytest.mark.parametrize('name', EXPORT_MODELS)
+def test_onnx_dynamic_batch_matches_pytorch(name, tmp_path):
+    """The exported file runs at batch 1 and 3 in onnxruntime and in OpenVINO, the second CPU runtime."""
+    pytest.importorskip('openvino')
+    _check_onnx(name, tmp_path, runtimes=('onnxruntime', 'openvino'))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', OTHER_MODELS)
+def test_onnx_dynamic_batch_every_model(name, tmp_path):
+    _check_onnx(name, tmp_path)
+
+
+@pytest.mark.slow
+def test_export_models_cover_every_layer_type():
+    """``EXPORT_MODELS`` holds every family and every dynzoo layer type of the registry (inference form)."""
+    import timm
+    from dynzoo.models import MODEL_INFO
+
+    def layer_types(name):
+        with torch.device('meta'):
+            model = timm.create_model(name, inference_mode=True)
+        return {type(m) for m in model.modules() if type(m).__module__.startswith('dynzoo.layers')}
+    covered = set().union(*(layer_types(n) for n in EXPORT_MODELS))
+    missing = {t.__name__ for n in OTHER_MODELS for t in layer_types(n)} - {t.__name__ for t in covered}
+    assert not missing, f'layer types no model of EXPORT_MODELS exports: {sorted(missing)}'
+    assert {MODEL_INFO[n]['family'] for n in EXPORT_MODELS} == {MODEL_INFO[n]['family'] for n in MODELS}
+
+
+def _check_torchscript(name):
     model = _deploy(name)
     scripted = export_torchscript(model, input_size=input_size(model), method='script')
     x = torch.randn((2,) + input_size(model))
     with torch.no_grad():
         diff, tol = close(model(x), scripted(x))
     assert diff <= max(tol, 50 * fp32_noise(model, x)), f'{name}: TorchScript differs by {diff:.3g}'
+
+
+@pytest.mark.parametrize('name', EXPORT_MODELS)
+def test_torchscript_matches_pytorch(name):
+    _check_torchscript(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', OTHER_MODELS)
+def test_torchscript_every_model(name):
+    _check_torchscript(name)
+
+
+@pytest.mark.parametrize('name', one_per_family())
+def test_trace_at_one_batch_runs_at_another(name):
+    """``torch.jit.trace`` at batch 2 gives a graph that runs any batch (the per-sample conv is traced in its
+    batch-agnostic form), here batch 5, with PyTorch's outputs."""
+    model = _deploy(name)
+    size = input_size(model)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn((2,) + size), check_trace=False)
+        x = torch.randn((5,) + size)
+        ref, out = model(x), traced(x)
+    assert out.shape == ref.shape == (5, model.num_classes)
+    diff, tol = close(ref, out)
+    assert diff <= max(tol, 50 * fp32_noise(model, x)), f'{name}: trace at batch 2, run at 5, differs by {diff:.3g}'
 
 
 def _first_dynamic_layer(model, x):
@@ -176,3 +244,9 @@ def test_export_refuses_training_mode(tmp_path):
         export_onnx(model, str(tmp_path / 'x.onnx'), (3, 64, 64))
     with pytest.raises(RuntimeError, match='eval'):
         export_torchscript(model)
+
+
+def test_unknown_runtime_is_refused():
+    from dynzoo.tools.export import runtime_runner
+    with pytest.raises(ValueError, match="unknown runtime 'tflite'"):
+        runtime_runner('model.onnx', 'tflite')

@@ -8,7 +8,8 @@ ONNX: an ONNX ``Conv`` takes its ``group`` count as a constant attribute, so the
 (:mod:`dynzoo.layers.per_sample`) runs every per-sample convolution as its ``'gemm'`` strategy instead: the kernel
 taps gathered with strided slices of the padded input (im2col) and contracted with each sample's kernel by one
 batched ``MatMul`` -- exact, same FLOPs, any batch. The exported graph is checked against PyTorch in onnxruntime at
-two batch sizes (:func:`check_onnx`).
+two batch sizes (:func:`check_onnx`), or in OpenVINO (:func:`openvino_model`: OpenVINO reads the ONNX file
+itself), the second CPU runtime.
 
 A checkpoint is in the training form or in the inference (reparameterized) form; :func:`load_model` tells them
 apart by their keys (:func:`is_inference_checkpoint`) and builds the matching model, the inference form with
@@ -31,11 +32,12 @@ import torch.nn as nn
 from dynzoo.models import _hub as hub
 
 __all__ = [
-    'export_onnx', 'export_torchscript', 'check_onnx', 'onnxruntime_session', 'is_inference_checkpoint',
-    'load_model', 'build_parser', 'main', 'EXPORTERS',
+    'export_onnx', 'export_torchscript', 'check_onnx', 'onnxruntime_session', 'openvino_model', 'runtime_runner',
+    'is_inference_checkpoint', 'load_model', 'build_parser', 'main', 'EXPORTERS', 'RUNTIMES',
 ]
 
 EXPORTERS = ('dynamo', 'torchscript')
+RUNTIMES = ('onnxruntime', 'openvino')
 
 
 def _example_input(model: nn.Module, input_size: Sequence[int], batch_size: int) -> torch.Tensor:
@@ -122,18 +124,43 @@ def onnxruntime_session(path: str, threads: Optional[int] = None):
     return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
 
 
+def openvino_model(path: str, threads: Optional[int] = None):
+    """The ONNX file compiled by OpenVINO for its CPU device, in fp32 (OpenVINO's default precision hint is bf16
+    on CPUs with bf16 units); ``threads``: its inference threads (default OpenVINO's choice). A dynamic batch axis
+    stays dynamic. Call it with a NumPy batch: ``compiled(x)[0]``."""
+    import openvino as ov
+    config = {'INFERENCE_PRECISION_HINT': 'f32'}
+    if threads:
+        config['INFERENCE_NUM_THREADS'] = threads
+    core = ov.Core()
+    return core.compile_model(core.read_model(path), 'CPU', config)
+
+
+def runtime_runner(path: str, runtime: str = 'onnxruntime', threads: Optional[int] = None):
+    """``run(x: numpy.ndarray) -> numpy.ndarray``: the exported ONNX file in ``runtime`` (one of :data:`RUNTIMES`)."""
+    if runtime == 'onnxruntime':
+        session = onnxruntime_session(path, threads)
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x})[0]
+    if runtime == 'openvino':
+        compiled = openvino_model(path, threads)
+        return lambda x: compiled(x)[0]
+    raise ValueError(f'unknown runtime {runtime!r}; expected one of {RUNTIMES}')
+
+
 def check_onnx(model: nn.Module, path: str, input_size: Sequence[int] = (3, 224, 224),
-               batch_sizes: Sequence[int] = (1, 3), threads: Optional[int] = 1) -> float:
-    """Run the ONNX file in onnxruntime at each batch size; return the max ``|onnx - torch| / max(1, max|torch|)``."""
-    session = onnxruntime_session(path, threads)
+               batch_sizes: Sequence[int] = (1, 3), threads: Optional[int] = 1, runtime: str = 'onnxruntime') -> float:
+    """Run the ONNX file in ``runtime`` (onnxruntime or OpenVINO) at each batch size; return the max
+    ``|runtime - torch| / max(1, max|torch|)``."""
+    run = runtime_runner(path, runtime, threads)
     worst = 0.0
     for b in batch_sizes:
         x = _example_input(model, input_size, b).float()
         with torch.no_grad():
             ref = model(x.to(next(model.parameters()).dtype)).float()
-        out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        out = torch.from_numpy(run(x.numpy()))
         if out.shape != ref.shape:
-            raise RuntimeError(f'onnxruntime output shape {tuple(out.shape)} != PyTorch {tuple(ref.shape)}')
+            raise RuntimeError(f'{runtime} output shape {tuple(out.shape)} != PyTorch {tuple(ref.shape)}')
         worst = max(worst, float((out - ref).abs().max()) / max(1.0, float(ref.abs().max())))
     return worst
 
@@ -195,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=int, default=2, help='example batch used for tracing (default 2)')
     p.add_argument('--method', choices=('script', 'trace', 'auto'), default='auto', help='TorchScript method')
     p.add_argument('--no-check', action='store_true', help='skip the onnxruntime / TorchScript parity check')
+    p.add_argument('--check-runtime', choices=RUNTIMES, default='onnxruntime',
+                   help='ONNX: the runtime the parity check runs the file in (default onnxruntime)')
     return p
 
 
@@ -225,7 +254,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         msg = f'wrote {output} ({time.perf_counter() - t0:.1f} s, exporter={args.exporter})'
         if not args.no_check:
             sizes = (args.batch_size,) if args.static_batch else (1, 3)
-            msg += f'; onnxruntime vs PyTorch max|diff|/scale = {check_onnx(model, output, input_size, sizes):.2e}'
+            worst = check_onnx(model, output, input_size, sizes, runtime=args.check_runtime)
+            msg += f'; {args.check_runtime} vs PyTorch max|diff|/scale = {worst:.2e}'
     else:
         scripted = export_torchscript(model, output, input_size, args.method)
         msg = f'wrote {output} ({time.perf_counter() - t0:.1f} s)'

@@ -7,9 +7,12 @@
 * :mod:`~dynzoo.tools.bench.memory` -- peak-memory probes and the CPU allocator setting;
 * :mod:`~dynzoo.tools.bench.timing` -- :func:`interleaved_medians` and the device helpers the scripts share;
 * :mod:`~dynzoo.tools.bench.report` -- ``bench.{json,csv,md,png}``;
+* :mod:`~dynzoo.tools.bench.compare` -- ``dynzoo bench compare`` (:func:`run_compare`): the authors' code, dynzoo and
+  the static counterpart side by side, the regression guard of the issue's table;
 * :mod:`~dynzoo.tools.bench.cli` -- the command line (:func:`main`).
 """
 from .cli import build_parser, main
+from .compare import COMPARED, compare_markdown, load_authors_model, run_compare
 from .layers import bench_layers
 from .memory import cpu_allocator, set_cpu_allocator
 from .models import DEFAULT_MODELS, BenchResult, run_benchmark, static_twin, timm_counterpart
@@ -19,5 +22,5 @@ from .timing import interleaved_medians
 __all__ = [
     'DEFAULT_MODELS', 'BenchResult', 'static_twin', 'timm_counterpart', 'run_benchmark', 'bench_layers',
     'set_cpu_allocator', 'cpu_allocator', 'interleaved_medians', 'environment', 'markdown_table', 'layers_markdown',
-    'write_reports', 'build_parser', 'main',
+    'write_reports', 'build_parser', 'main', 'COMPARED', 'load_authors_model', 'run_compare', 'compare_markdown',
 ]

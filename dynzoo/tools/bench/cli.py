@@ -1,10 +1,12 @@
-"""``dynzoo bench``: the whole-model benchmark, optionally the layer benchmark, and the reports."""
+"""``dynzoo bench``: the whole-model benchmark, optionally the layer benchmark, and the reports;
+``dynzoo bench compare``: beside the authors' code (:mod:`~dynzoo.tools.bench.compare`)."""
 import argparse
 import sys
 from typing import Dict, List, Optional, Sequence
 
 from dynzoo.utils.metrics import N_IMAGENET
 
+from . import compare
 from .layers import bench_layers
 from .memory import set_cpu_allocator
 from .models import DEFAULT_MODELS, run_benchmark
@@ -25,7 +27,8 @@ def _parse_accuracy(items: Sequence[str]) -> Dict[str, float]:
 
 def build_parser(prog: str = 'dynzoo bench') -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description='Measure dynamic models beside their static twins and timm counterparts.')
+        prog=prog, description='Measure dynamic models beside their static twins and timm counterparts '
+                               "('%(prog)s compare --help': beside the authors' code).")
     p.add_argument('models', nargs='*', default=list(DEFAULT_MODELS), help='dynamic models (default: %(default)s)')
     p.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 32], help='eval batch sizes')
     p.add_argument('--train-batch-sizes', type=int, nargs='*', default=[32], help='train-step batch sizes')
@@ -61,6 +64,8 @@ def build_parser(prog: str = 'dynzoo bench') -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = 'dynzoo bench') -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ['compare']:  # `dynzoo bench compare ...`: beside the authors' code (dynzoo.tools.bench.compare)
+        return compare.main(argv[1:], prog=prog + ' compare')
     args = build_parser(prog).parse_args(argv)
     if args.layers_only and args.layers is None:
         args.layers = []
