@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.dynzoo-installed
 
-.PHONY: setup report test test-unit test-timm check-floor bench clean
+.PHONY: setup report test test-all test-unit test-timm check-floor bench clean
 
 setup: $(STAMP)
 
@@ -25,12 +25,18 @@ export OMP_WAIT_POLICY := PASSIVE
 # tensors of 256 KiB and more are mmap'd, so a long-lived xdist worker returns freed model memory to the system
 # (in a full run of 56 models one worker grew to 12.5 GiB and was killed by the OOM killer)
 export MALLOC_MMAP_THRESHOLD_ := 262144
+# (`-m "not slow"`: the zoo-wide sweeps that repeat a per-family check on every model, and the longer training and
+# compile runs; `make test-all` runs them too)
 test: setup
+	$(BIN)/python -m pytest tests -n 2 --dist loadgroup -q -p no:cacheprovider -m "not slow" --durations=25
+	$(BIN)/python scripts/run_timm_model_tests.py -n 2
+
+test-all: setup
 	$(BIN)/python -m pytest tests -n 2 --dist loadgroup -q -p no:cacheprovider --durations=25
 	$(BIN)/python scripts/run_timm_model_tests.py -n 2
 
 test-unit: setup
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow"
 
 test-timm: setup
 	$(BIN)/python scripts/run_timm_model_tests.py -n 2

@@ -45,7 +45,6 @@ def test_fmdconv_closed_form_macs_single_kernel():
     assert abs(_gmacs('fmdconv_resnet18', num_kernels=1) - 1.831) <= 1e-3
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('name, gmacs', [('resnet50', 4.089), ('fmdconv_resnet50', 4.206)])
 def test_fmdconv_closed_form_macs_resnet50(name, gmacs):
     assert round(_gmacs(name), 3) == pytest.approx(gmacs, abs=1e-12)
@@ -85,7 +84,6 @@ def test_dmf_fvcore(name, flops):
     assert abs(_gmacs(name, 'fvcore') * 1e9 - flops) <= 0.5e6
 
 
-@pytest.mark.slow
 def test_dmf_s_fvcore():
     assert abs(_gmacs('dmf_s', 'fvcore') * 1e9 - 499_878_216) <= 0.5e6
 
@@ -96,7 +94,6 @@ def test_attnet_t1_fvcore(train_mode, gflops):
     assert abs(_gmacs('attnet_t1', 'fvcore', train_mode) - gflops) <= 2e-4
 
 
-@pytest.mark.slow
 def test_attnet_t2_fvcore_train_mode():
     # fvcore on the AttNet authors' T2, train mode: 5.1122 G (paper 5.1 G, Table IX 5.11 G)
     assert abs(_gmacs('attnet_t2', 'fvcore', True) - 5.1122) <= 1e-3
