@@ -11,8 +11,9 @@ import torch
 # process of its own, with its own environment: tests/_hub_server.py). huggingface_hub reads these at import time.
 os.environ.setdefault('HF_HUB_DISABLE_TELEMETRY', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
-# the suite never reads or writes the user's own dynzoo cache (user weights index, hub pins)
-os.environ['DYNZOO_CACHE'] = tempfile.mkdtemp(prefix='dynzoo-test-cache-')
+# the suite never reads or writes the user's own dynzoo cache (user weights index, hub pins): see _own_dynzoo_cache
+os.environ.pop('DYNZOO_CACHE', None)
+os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='dynzoo-test-xdg-cache-')
 os.environ['HF_HUB_CACHE'] = tempfile.mkdtemp(prefix='dynzoo-test-hf-cache-')  # an empty hub cache
 
 import dynzoo  # noqa: F401  -- registers the models  # noqa: E402
@@ -65,3 +66,10 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _own_dynzoo_cache(tmp_path_factory, monkeypatch):
+    """Each test starts with an empty dynzoo cache of its own (``$XDG_CACHE_HOME/dynzoo``: the user's weights index
+    and hub pins), so what one test writes there (``dynzoo convert``, ``weights add``) is not seen by another."""
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path_factory.mktemp('xdg_cache')))

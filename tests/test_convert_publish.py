@@ -26,13 +26,13 @@ DIGITS_ACCURACY_BAR = 80.0  # % top-1 on the 360 validation images; chance is 10
 HUB_REPO = 'dynzoo/attnet_xxs.digits'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def user_cache(tmp_path_factory):
-    """The user's cache (dynzoo's own index, written by convert and publish) of this module: a folder of its own."""
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp('xdg_cache')
-        mp.setenv('XDG_CACHE_HOME', str(path))
-        yield path
+@pytest.fixture
+def user_cache(tmp_path, monkeypatch):
+    """The user's cache of this test (dynzoo's own index, written by convert and publish), handed to its user
+    processes too."""
+    path = tmp_path / 'xdg_cache'
+    monkeypatch.setenv('XDG_CACHE_HOME', str(path))
+    return path
 
 
 @pytest.fixture(scope='module')
@@ -58,11 +58,13 @@ def published_folder(digits_run, tmp_path_factory):
     from dynzoo.tools.publish import main
     out, results = digits_run
     folder = tmp_path_factory.mktemp('hub') / 'attnet_xxs.digits'
-    assert main(['--train-dir', str(out), '--out', str(folder), '--repo-id', HUB_REPO, '--dry-run']) == 0
+    with pytest.MonkeyPatch.context() as mp:  # the dry run records the file in this user cache
+        mp.setenv('XDG_CACHE_HOME', str(folder.parent / 'xdg_cache'))
+        assert main(['--train-dir', str(out), '--out', str(folder), '--repo-id', HUB_REPO, '--dry-run']) == 0
     return folder
 
 
-def test_published_folder_is_timm_format(published_folder, digits_run):
+def test_published_folder_is_timm_format(published_folder, digits_run, monkeypatch):
     _, results = digits_run
     files = {p.name for p in published_folder.iterdir()}
     assert {'config.json', 'model.safetensors', 'README.md', ENTRY_NAME} <= files
@@ -84,6 +86,7 @@ def test_published_folder_is_timm_format(published_folder, digits_run):
     # trained weights without --license: "unknown", not the licence of the code or of an authors' release
     assert entry['license'] == 'unknown' and 'license: unknown' in card
     # the dry run pushed nothing and recorded the folder's file in the user's index: a real tag from now on
+    monkeypatch.setenv('XDG_CACHE_HOME', str(published_folder.parent / 'xdg_cache'))
     recorded = hub.find_entry('attnet_xxs', 'digits')
     assert recorded['file'] == str((published_folder / 'model.safetensors').resolve()) and 'hf_hub_id' not in recorded
     assert recorded['sha256'] == entry['sha256'] and recorded['pretrained_cfg']['num_classes'] == 10
