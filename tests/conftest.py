@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, NamedTuple
@@ -73,3 +74,34 @@ def _own_dynzoo_cache(tmp_path_factory, monkeypatch):
     """Each test starts with an empty dynzoo cache of its own (``$XDG_CACHE_HOME/dynzoo``: the user's weights index
     and hub pins), so what one test writes there (``dynzoo convert``, ``weights add``) is not seen by another."""
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path_factory.mktemp('xdg_cache')))
+
+
+# A zoo-wide sweep runs in CI on one model of every (family, structure): the variants that only widen or deepen a
+# sibling of the same structure (ResNet-34 beside -18, ResNet-101 beside -50, MobileNetV2 0.75 / 1.0 beside 0.5,
+# AttNet T2..T4 beside T1, DMF XS / S beside XXS, the larger Swin / PVT / CSPDarknet) are `slow` (make test-all).
+# timm's own tests/test_models.py still runs on every name in CI.
+_STRUCTURE = [(r'resnet(18|34)', 'resnet-basic'), (r'resnet(50|101)', 'resnet-bottleneck'),
+              (r'mobilenetv2_\d+', 'mobilenetv2'), (r'^attnet_t\d$', 'attnet_t'), (r'^attnet_(xxs|xs|s)$', 'attnet_x'),
+              (r'^dmf_(xxs|xs|s)$', 'dmf'), (r'^atconv_swin_.*', 'atconv_swin'), (r'^atconv_pvt_.*', 'atconv_pvt'),
+              (r'^sgdm_cspdarknet_.*', 'sgdm_cspdarknet')]
+
+
+def structure(name: str) -> str:
+    """``name`` with its width / depth left out: the models one representative stands for."""
+    for pattern, repl in _STRUCTURE:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def zoo_params(names):
+    """``names`` as pytest params, all but the smallest model of each :func:`structure` marked ``slow``."""
+    def size(n):  # depth / width in the name: 18 < 50, 050 < 100, t1 < t4, xxs < xs < s, tiny < base
+        words = ['xxs', 'xs', 'n', 'tiny', 's', 'small', 'medium', 'large', 'base']
+        tail = n.rsplit('_', 2)
+        rank = min((words.index(w) for w in tail if w in words), default=len(words))
+        number = re.search(r'(\d+)(?:_\dx)?$|resnet(\d+)', n)
+        return rank, int(next(g for g in number.groups() if g)) if number else 0, n
+    representatives = {}
+    for n in sorted(names, key=size):
+        representatives.setdefault(structure(n), n)
+    return [pytest.param(n, id=n, marks=() if representatives[structure(n)] == n else pytest.mark.slow) for n in names]

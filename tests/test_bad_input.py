@@ -46,6 +46,7 @@ from dynzoo.layers.per_sample import PER_SAMPLE_STRATEGIES
 from _hub_server import (
     hub_env, perturbed_state_dict, published_entry, run_user_loads, sha256_bytes, write_hf_cache, write_index,
 )
+from conftest import zoo_params
 
 torch.set_num_threads(1)
 
@@ -508,7 +509,7 @@ def _zoo_input_size(model):
     return (cfg['input_size'][0],) + tuple(max(s, ZOO_INPUT) for s in low[1:])
 
 
-@pytest.fixture(scope='module', params=ZOO)
+@pytest.fixture(scope='module', params=zoo_params(ZOO))
 def built(request):
     """``(name, model)`` of every registered model, built once (pytest groups the tests of one model)."""
     torch.manual_seed(0)

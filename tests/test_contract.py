@@ -18,13 +18,14 @@ import dynzoo
 from dynzoo.models._builder import upcycled_source
 from dynzoo.models._hub import CheckpointError, PretrainedUnavailableError, is_published
 from dynzoo.models import FAMILIES, MODEL_INFO
+from conftest import zoo_params
 
 MODELS = dynzoo.list_dynzoo_models()
-# the largest variants share code with a smaller sibling; they are built here too, at small inputs
+# every model (the larger siblings of one structure are `slow`: conftest.zoo_params), built at small inputs
 FEATURE_SIZE = 96
 
 
-@pytest.fixture(scope='module', params=MODELS)
+@pytest.fixture(scope='module', params=zoo_params(MODELS))
 def built(request):
     """``(name, model)``, built once per model: pytest groups every test of a model around one build."""
     torch.manual_seed(0)

@@ -20,6 +20,7 @@ import timm.utils
 
 import dynzoo
 from dynzoo.models import MODEL_INFO
+from conftest import zoo_params
 
 MODELS = dynzoo.list_dynzoo_models()
 SMALL = 64
@@ -140,7 +141,7 @@ def _assert_contract_clean(name, model):
         assert not any(b.startswith('dynzoo') for b in m._buffers), f'{where} has a marker buffer'
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', zoo_params(MODELS))
 def test_reparameterize_contract(name):
     model = build(name)
     _assert_contract_clean(name, model)
