@@ -82,6 +82,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--models', nargs='*', default=None, help='dynzoo model names (default: all)')
     p.add_argument('-n', '--workers', type=int, default=0, help='pytest-xdist workers (0: none)')
+    p.add_argument('--chunk', type=int, default=10, help='models per pytest process (default: 10)')
     p.add_argument('pytest_args', nargs=argparse.REMAINDER)
     args = p.parse_args()
     sdist = fetch_sdist(timm.__version__)
@@ -92,15 +93,24 @@ def main() -> int:
     else:
         import dynzoo
         names = dynzoo.list_dynzoo_models()
-    expr = ' or '.join(names)
     extra = [a for a in args.pytest_args if a != '--']
     env = dict(os.environ, HF_HUB_OFFLINE='1', PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    cmd = [sys.executable, '-m', 'pytest', str(tests / 'test_models.py'), '-p', 'no:cacheprovider',
-           '-k', expr, '-q', '-W', 'ignore::pytest.PytestUnknownMarkWarning', *extra]
-    if args.workers:
-        cmd += ['-n', str(args.workers), '--dist', 'loadgroup']
     print(f'timm {timm.__version__} upstream model tests on {len(names)} dynzoo models', flush=True)
-    return subprocess.call(cmd, cwd=str(sdist), env=env)
+    # a fresh pytest process per chunk of models: a worker that builds every model of the zoo one after another
+    # grew to 12 GiB and was killed by the OOM killer
+    failed = []
+    for start in range(0, len(names), args.chunk):
+        chunk = names[start:start + args.chunk]
+        cmd = [sys.executable, '-m', 'pytest', str(tests / 'test_models.py'), '-p', 'no:cacheprovider',
+               '-k', ' or '.join(chunk), '-q', '-W', 'ignore::pytest.PytestUnknownMarkWarning', *extra]
+        if args.workers:
+            cmd += ['-n', str(args.workers), '--dist', 'loadgroup']
+        print(f'models {start + 1}-{start + len(chunk)} of {len(names)}: {" ".join(chunk)}', flush=True)
+        if subprocess.call(cmd, cwd=str(sdist), env=env) != 0:
+            failed.append(' '.join(chunk))
+    for chunk in failed:
+        print(f'FAILED: timm test_models on {chunk}', flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == '__main__':
