@@ -3,7 +3,7 @@
 
 For each network: the compile time (the first call), the graphs Dynamo built over batches ``--batches`` (each a
 fresh input size after the first), and the eval time of the compiled network at ``--batch`` next to the compiled
-static twin's, interleaved round by round (``dynzoo.tools.bench.interleaved_medians``).
+static twin's and both eager models', interleaved round by round (``dynzoo.tools.bench.interleaved_medians``).
 
     python scripts/bench_compile.py [--models fmdconv_resnet18] [--batch 32] [--batches 3 5] [--threads 2]
 """
@@ -41,7 +41,7 @@ def _compiled(name: str, batch: int, size: int, batches):
         torch.testing.assert_close(y, model(x), rtol=1e-3, atol=1e-3)
         for b in batches:
             compiled(torch.randn(b, 3, size, size))
-    return compiled, x, compile_s, len(graphs)
+    return model, compiled, x, compile_s, len(graphs)
 
 
 def main(argv=None) -> int:
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     for name in args.models:
         fns = {}
         for n in (name, TWINS[name]):
-            compiled, x, compile_s, graphs = _compiled(n, args.batch, args.size, args.batches)
+            model, compiled, x, compile_s, graphs = _compiled(n, args.batch, args.size, args.batches)
             print(f'{n}: compile {compile_s:.0f} s, {graphs} graph(s) over batches {[args.batch] + args.batches}',
                   flush=True)
 
@@ -65,9 +65,16 @@ def main(argv=None) -> int:
                 with torch.inference_mode():
                     compiled(x)
             fns[n] = run
+
+            def run_eager(model=model, x=x):
+                with torch.inference_mode():
+                    model(x)
+            fns[n + ' eager'] = run_eager
         t = interleaved_medians(fns, args.repeats)
-        print(f'{name} compiled, eval b{args.batch}: {t[name] * 1e3:.1f} ms vs {TWINS[name]} '
-              f'{t[TWINS[name]] * 1e3:.1f} ms = {t[name] / t[TWINS[name]]:.2f}x', flush=True)
+        twin = TWINS[name]
+        print(f'{name} compiled, eval b{args.batch}: {t[name] * 1e3:.1f} ms vs {twin} '
+              f'{t[twin] * 1e3:.1f} ms = {t[name] / t[twin]:.2f}x (eager: {t[name + " eager"] * 1e3:.1f} ms vs '
+              f'{t[twin + " eager"] * 1e3:.1f} ms = {t[name + " eager"] / t[twin + " eager"]:.2f}x)', flush=True)
     return 0
 
 

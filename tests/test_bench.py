@@ -122,6 +122,18 @@ def test_compare_authors_loader_names_what_is_missing(tmp_path, capsys):
     assert 'no compared network' in capsys.readouterr().err
 
 
+def test_compare_records_no_path_of_the_machine(tmp_path):
+    """The recorded command keeps every argument but writes the authors' folder as a placeholder."""
+    from dynzoo.tools.bench.compare import recorded_command
+    authors = str(tmp_path / 'authors')
+    for argv, expected in [
+        (['--authors-dir', authors, '--threads', '2'], 'p --authors-dir AUTHORS_DIR --threads 2'),
+        (['--threads', '2', f'--authors-dir={authors}'], 'p --threads 2 --authors-dir=AUTHORS_DIR'),
+        (['fmdconv_resnet18', '--quick'], 'p fmdconv_resnet18 --quick'),
+    ]:
+        assert recorded_command('p', argv) == expected
+
+
 def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
     """``scripts/gpu_benchmark.py --device cpu --quick``: the GPU script's smoke test (tiny input); it fills the
     marked section of the given markdown file and leaves the rest as it was, and a spent budget skips the rest."""

@@ -1,7 +1,8 @@
 """``torch.compile(dynamic=True)``: no graph per batch size of the dynamic convs' own (``dynzoo/layers/per_sample.py``).
 
-While Dynamo traces, the per-sample forms run batch-agnostic (``'gemm'``, depthwise ``'shift'``) instead of folding
-the batch into the conv groups or tiling by it, so a dynamic conv adds no batch specialization of its own: it
+While Dynamo traces, a call that needs no gradient runs the eager forms inside one opaque op, and one that needs
+gradients runs batch-agnostic forms (``'gemm'``, depthwise ``'shift'``) instead of folding the batch into the conv
+groups or tiling by it, so a dynamic conv adds no batch specialization of its own: it
 compiles no more graphs than a static ``nn.Conv2d`` does for the same batch sequence (torch itself keeps a separate
 graph for batch 1, its 0/1 specialization, and on CPU guards oneDNN's conv backend choice on the batch size, at 16),
 and one graph for batches 3 and 5. Counted with a counting backend (no inductor) on single layers of every family
@@ -114,6 +115,34 @@ def test_batch_folding_would_specialize(monkeypatch):
     monkeypatch.setattr(per_sample, 'is_compiling', lambda: False)
     monkeypatch.setattr(dynamic, 'is_compiling', lambda: False)
     assert compiled_graphs(layer, inputs)[-1] == len(inputs)
+
+
+def _graph_ops(layer: nn.Module, x: torch.Tensor, grad: bool) -> List[str]:
+    graphs: List[torch.fx.GraphModule] = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(grad):
+        torch.compile(layer, dynamic=True, backend=counting_backend)(x)
+    torch._dynamo.reset()
+    return [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == 'call_function']
+
+
+@pytest.mark.parametrize('family, op, traced_form', [
+    ('fmdconv', 'dynzoo.dynamic_conv2d_inference', 'method matmul'),  # 'gemm': a batched matmul over the taps
+])
+def test_compiled_inference_runs_the_eager_forms_as_one_op(family, op, traced_form):
+    """Without gradients a compiled dynamic conv is one opaque op (the eager forms, no batch in the graph); with
+    gradients it traces the batch-agnostic forms autograd can see."""
+    layer = LAYERS[family]().eval()
+    x = torch.randn(3, 16, SIZE, SIZE)
+    assert sum(op in t for t in _graph_ops(layer, x, grad=False)) == 1
+    traced = _graph_ops(layer, x, grad=True)
+    assert not any('dynzoo.' in t for t in traced)
+    assert any(traced_form in t for t in traced)
 
 
 def test_compiled_training_step_matches_eager():

@@ -5,7 +5,8 @@ digits (scikit-learn's 1,797 UCI images, written as a 32 px image folder): ``tra
 ``--channels-last``, then ``validate.py --reparam`` on its best checkpoint reproduces the top-1 that ``train.py``
 logged, then ``onnx_export.py --reparam`` and ``onnx_validate.py`` at two batch sizes reproduce it again. One model
 also runs the flags users reach for (``--amp`` in bf16, ``--grad-checkpointing``, ``--model-ema``,
-``--model-kwargs``, ``--initial-checkpoint``, ``--resume``), ``benchmark.py --reparam`` and ``inference.py``.
+``--model-kwargs``, ``--initial-checkpoint``, ``--resume``), ``validate.py --torchcompile``, ``benchmark.py
+--reparam`` and ``inference.py``.
 
 The scripts are found in ``$TIMM_SCRIPTS_DIR`` (default: ``shared/clients/timm`` beside the checkout, where CI lays
 them; timm's wheel does not ship them); the tests skip where they are absent.
@@ -210,6 +211,17 @@ def test_inference(flag_run, digits, tmp_path):
              '--results-file', 'pred', '--topk', '1', '--no-console-results', *COMMON, cwd=tmp_path)
     with open(tmp_path / 'pred.csv', newline='') as f:
         assert sum(1 for _ in csv.DictReader(f)) == NUM_VAL
+
+
+@pytest.mark.xdist_group('timm-scripts-flag-run')
+def test_validate_torchcompile(flag_run, digits):
+    """``validate.py --reparam --torchcompile`` (inductor, timm's default backend) on the trained checkpoint
+    reproduces the top-1 that ``train.py`` logged for it."""
+    with open(flag_run / 'summary.csv', newline='') as f:
+        logged = max(float(row['eval_top1']) for row in csv.DictReader(f))
+    # the whole split as one batch: one inductor build (the shape of a last, partial batch would be a second)
+    result = validate(FLAG_MODEL, digits, flag_run / 'model_best.pth.tar', '--torchcompile', '-b', str(NUM_VAL))
+    assert abs(result['top1'] - logged) <= ONE_IMAGE, (result, logged)
 
 
 def test_benchmark_reparam(tmp_path):

@@ -43,9 +43,11 @@ Execution strategies, all exact (they agree to float rounding, tested in ``tests
 
 While a graph is traced or exported (``torch.jit.trace``, ONNX, ``torch.export``) every per-sample form
 (``'grouped'``, ``'tiled'``, ``'loop'``) runs as ``'gemm'``, whose graph does not depend on the batch size: a graph
-traced at one batch size runs at any other. While ``torch.compile`` traces the code they run batch-agnostic as well
-(depthwise layers as ``'shift'``, others as ``'gemm'``; :mod:`dynzoo.layers.per_sample`), so that
-``torch.compile(model, dynamic=True)`` adds no graph per batch size. An empty batch ``(0, C_in, H, W)`` gives the
+traced at one batch size runs at any other. Under ``torch.compile`` a call that needs no gradient is one op opaque
+to Dynamo, ``torch.ops.dynzoo.dynamic_conv2d_inference``, which runs the eager forms (the dispatcher's choice) on
+whatever batch it gets; a call that needs gradients traces the batch-agnostic forms (depthwise layers as
+``'shift'``, others as ``'gemm'``; :mod:`dynzoo.layers.per_sample`). Either way ``torch.compile(model,
+dynamic=True)`` adds no graph per batch size. An empty batch ``(0, C_in, H, W)`` gives the
 empty output ``(0, C_out, H', W')`` in every strategy (the per-sample forms run it as ``'gemm'``), as ``nn.Conv2d``
 does.
 
@@ -62,7 +64,9 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple
 
 from .fusion import fold_bn_into_bank_
-from .per_sample import conv_output_size, is_compiling, is_exporting, is_pointwise, per_sample_conv2d
+from .per_sample import (
+    conv_output_size, is_compiled_inference, is_compiling, is_exporting, is_pointwise, per_sample_conv2d,
+)
 
 __all__ = [
     'STRATEGIES', 'DynamicAttention', 'DynamicConv2dBase', 'aggregate_kernels', 'scale_kernels', 'expert_responses',
@@ -382,6 +386,12 @@ def dynamic_conv2d(
         strategy = select_strategy(batch, c_in, c_out, (kh, kw), groups, num_k, out_hw, spatial_attn is not None,
                                    torch.is_grad_enabled() and weight.requires_grad)
     if not torch.jit.is_scripting():
+        if is_compiled_inference([x, weight, bias, kernel_attn, in_scale, out_scale, spatial_attn, static_weight,
+                                   static_bias]):
+            # inference under torch.compile: the eager forms, one op opaque to Dynamo (no batch in its graph)
+            return _compiled_inference_conv2d(
+                x, weight, bias, kernel_attn, in_scale, out_scale, spatial_attn, stride, padding, dilation, groups,
+                strategy, static_weight, static_bias, post_bias)
         # tiling loops and batch-folded conv groups would bake the batch size into a traced or compiled graph
         if (strategy == 'tiled' or strategy == 'grouped') and (is_exporting() or is_compiling()):
             strategy = 'gemm'
@@ -436,6 +446,63 @@ def dynamic_conv2d(
     if post_bias is not None:
         y = y + post_bias.to(y.dtype).reshape(1, c_out, 1, 1)
     return y
+
+
+@torch.library.custom_op('dynzoo::dynamic_conv2d_inference', mutates_args=())
+def _dynamic_conv2d_inference(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        kernel_attn: Optional[torch.Tensor],
+        in_scale: Optional[torch.Tensor],
+        out_scale: Optional[torch.Tensor],
+        spatial_attn: Optional[torch.Tensor],
+        static_weight: Optional[torch.Tensor],
+        static_bias: Optional[torch.Tensor],
+        post_bias: Optional[torch.Tensor],
+        stride: List[int],
+        padding: List[int],
+        dilation: List[int],
+        groups: int,
+        strategy: str,
+) -> torch.Tensor:
+    """:func:`dynamic_conv2d` run eagerly, as one op of a ``torch.compile`` graph (its output contiguous)."""
+    return dynamic_conv2d(
+        x, weight, bias, kernel_attn, in_scale, out_scale, spatial_attn, (stride[0], stride[1]),
+        (padding[0], padding[1]), (dilation[0], dilation[1]), groups, strategy, static_weight, static_bias,
+        post_bias).contiguous()
+
+
+@_dynamic_conv2d_inference.register_fake
+def _dynamic_conv2d_inference_shape(x, weight, bias, kernel_attn, in_scale, out_scale, spatial_attn, static_weight,
+                                    static_bias, post_bias, stride, padding, dilation, groups, strategy):
+    kh, kw = weight.shape[-2], weight.shape[-1]
+    out_h = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    out_w = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0], weight.shape[1], out_h, out_w))
+
+
+@torch.jit.unused
+def _compiled_inference_conv2d(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        kernel_attn: Optional[torch.Tensor],
+        in_scale: Optional[torch.Tensor],
+        out_scale: Optional[torch.Tensor],
+        spatial_attn: Optional[torch.Tensor],
+        stride: Tuple[int, int],
+        padding: Tuple[int, int],
+        dilation: Tuple[int, int],
+        groups: int,
+        strategy: str,
+        static_weight: Optional[torch.Tensor],
+        static_bias: Optional[torch.Tensor],
+        post_bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    return _dynamic_conv2d_inference(
+        x, weight, bias, kernel_attn, in_scale, out_scale, spatial_attn, static_weight, static_bias, post_bias,
+        list(stride), list(padding), list(dilation), groups, strategy)
 
 
 def _aggregate_bias(

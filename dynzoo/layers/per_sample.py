@@ -16,6 +16,9 @@ and ATConv's per-sample, per-channel depthwise kernels). Strategies, all exact:
 While ``torch.compile`` traces the code (Dynamo), the per-sample forms run batch-agnostic too, so that a graph
 compiled with ``dynamic=True`` is not specialized to the batch size: a depthwise layer (``groups == C_in ==
 C_out``) as ``'shift'`` (an elementwise chain that the compiler fuses into one kernel), any other as ``'gemm'``.
+(The kernel-bank layers' calls that need no gradient do not reach these forms under ``torch.compile``: they run
+the eager forms inside one opaque op, :func:`dynzoo.layers.dynamic.dynamic_conv2d`; ATConv's per-sample depthwise
+conv keeps ``'shift'``, which inductor runs faster than the eager grouped conv, ``docs/performance.md``.)
 
 An empty batch ``(0, C, H, W)`` gives the empty output ``(0, C_out, H', W')`` in every strategy (it runs as
 ``'gemm'``: there are no samples to fold into conv groups), as ``nn.Conv2d`` does.
@@ -50,6 +53,15 @@ def is_exporting() -> bool:
 def is_compiling() -> bool:
     """True while ``torch.compile`` (Dynamo) traces the code, whose graph must not depend on the batch size."""
     return torch.compiler.is_compiling()
+
+
+@torch.jit.unused
+def is_compiled_inference(tensors: List[Optional[torch.Tensor]]) -> bool:
+    """True while ``torch.compile`` (not an export) traces a call whose result needs no gradient, outside autocast
+    (whose casts an opaque op would not see); ``tensors[0]`` is the input."""
+    if not is_compiling() or is_exporting() or torch.is_autocast_enabled(tensors[0].device.type):
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
 def is_pointwise(kh: int, kw: int, padding: Tuple[int, int], groups: int) -> bool:

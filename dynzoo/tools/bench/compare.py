@@ -39,7 +39,8 @@ from .report import environment
 from .timing import progress
 
 __all__ = ['ComparedNetwork', 'COMPARED', 'AUTHORS_ENV', 'find_authors_repo', 'load_authors_model',
-           'authors_weights_in_dynzoo', 'run_compare', 'compare_markdown', 'write_compare', 'build_parser', 'main']
+           'authors_weights_in_dynzoo', 'run_compare', 'compare_markdown', 'write_compare', 'recorded_command',
+           'build_parser', 'main']
 
 AUTHORS_ENV = 'DYNZOO_AUTHORS_CODE'
 
@@ -267,6 +268,26 @@ def write_compare(rows: Sequence[dict], out_dir: str, command: str = '', stem: s
     return paths
 
 
+def recorded_command(prog: str, argv: Sequence[str]) -> str:
+    """The command line as the report records it, with the ``--authors-dir`` folder written as the placeholder
+    ``AUTHORS_DIR``: the authors' checkouts lie outside the repository, and a report names no path of the machine
+    it ran on."""
+    words: List[str] = []
+    hide_next = False
+    for word in argv:
+        if hide_next:
+            words.append('AUTHORS_DIR')
+            hide_next = False
+        elif word == '--authors-dir':
+            words.append(word)
+            hide_next = True
+        elif word.startswith('--authors-dir='):
+            words.append('--authors-dir=AUTHORS_DIR')
+        else:
+            words.append(word)
+    return ' '.join([prog] + words)
+
+
 def build_parser(prog: str = 'dynzoo bench compare') -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n')[0])
     p.add_argument('models', nargs='*', default=[n.model for n in COMPARED],
@@ -300,7 +321,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = 'dynzoo bench compare
     except ValueError as e:
         print(f'{prog}: {e}', file=sys.stderr)
         return 2
-    paths = write_compare(rows, args.out, ' '.join([prog] + argv))
+    paths = write_compare(rows, args.out, recorded_command(prog, argv))
     print(compare_markdown(rows))
     print('\nwrote ' + ', '.join(paths.values()))
     return 0
