@@ -389,9 +389,9 @@ def dynamic_conv2d(
         if is_compiled_inference([x, weight, bias, kernel_attn, in_scale, out_scale, spatial_attn, static_weight,
                                    static_bias]):
             # inference under torch.compile: the eager forms, one op opaque to Dynamo (no batch in its graph)
-            return _compiled_inference_conv2d(
-                x, weight, bias, kernel_attn, in_scale, out_scale, spatial_attn, stride, padding, dilation, groups,
-                strategy, static_weight, static_bias, post_bias)
+            return torch.ops.dynzoo.dynamic_conv2d_inference(
+                x, weight, bias, kernel_attn, in_scale, out_scale, spatial_attn, static_weight, static_bias, post_bias,
+                [stride[0], stride[1]], [padding[0], padding[1]], [dilation[0], dilation[1]], groups, strategy)
         # tiling loops and batch-folded conv groups would bake the batch size into a traced or compiled graph
         if (strategy == 'tiled' or strategy == 'grouped') and (is_exporting() or is_compiling()):
             strategy = 'gemm'
@@ -480,29 +480,6 @@ def _dynamic_conv2d_inference_shape(x, weight, bias, kernel_attn, in_scale, out_
     out_h = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
     out_w = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
     return x.new_empty((x.shape[0], weight.shape[1], out_h, out_w))
-
-
-@torch.jit.unused
-def _compiled_inference_conv2d(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        kernel_attn: Optional[torch.Tensor],
-        in_scale: Optional[torch.Tensor],
-        out_scale: Optional[torch.Tensor],
-        spatial_attn: Optional[torch.Tensor],
-        stride: Tuple[int, int],
-        padding: Tuple[int, int],
-        dilation: Tuple[int, int],
-        groups: int,
-        strategy: str,
-        static_weight: Optional[torch.Tensor],
-        static_bias: Optional[torch.Tensor],
-        post_bias: Optional[torch.Tensor],
-) -> torch.Tensor:
-    return _dynamic_conv2d_inference(
-        x, weight, bias, kernel_attn, in_scale, out_scale, spatial_attn, static_weight, static_bias, post_bias,
-        list(stride), list(padding), list(dilation), groups, strategy)
 
 
 def _aggregate_bias(
